@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create/refresh .venv themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MEDLORA_HOME ?= $(HOME)/.cache/medlora
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test test-slow demo train-full bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU torch wheel first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,web]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(BIN)/python -m medlora.demo
+
+train-full: $(STAMP)
+	$(BIN)/medlora finetune --config recipes/gemma3-270m-full.yaml
+	$(BIN)/medlora eval --base_model gemma3-270m --lora_weights tuned=runs/full/adapter \
+		--data data/medqa/test.jsonl --out runs/full/eval --train_dir runs/full/adapter
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py --write docs/benchmarks.md
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) runs

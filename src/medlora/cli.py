@@ -1,0 +1,94 @@
+"""`medlora <command>`: one entry point over thin command modules in `medlora.commands`.
+
+Errors the user can cause are printed as one line (no traceback) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from medlora import __version__
+from medlora.errors import MedloraError, TrainingError
+
+COMMANDS = {
+    "finetune": "fine-tune a LoRA adapter on instruction records",
+    "infer": "answer every record of a file (or interactively) with a base model and an optional adapter",
+    "eval": "score base and tuned models on records with golden answers, and write a report",
+    "chat": "streaming terminal chat with a model",
+    "merge": "fold an adapter into its base and save a plain transformers model",
+    "serve": "OpenAI-compatible HTTP API (chat/completions, completions, models)",
+    "webui": "Gradio web page: streaming chat and base-vs-tuned side by side",
+    "models": "list the built-in base models",
+    "data": "build the built-in Chinese medical instruction data from the knowledge base",
+}
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_ERROR = 1
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlora", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        if only and name != only:
+            continue
+        module = _command_module(name)
+        if module is None:
+            continue
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(run=module.run)
+    return parser
+
+
+def _command_module(name: str):
+    try:
+        return importlib.import_module(f"medlora.commands.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"medlora.commands.{name}":
+            return None
+        raise
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[medlora] %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return args.run(args) or 0
+    except TrainingError as exc:
+        print(f"medlora {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_ERROR
+    except MedloraError as exc:
+        print(f"medlora {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"\nmedlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,20 @@
+"""`medlora chat`: streaming multi-turn terminal chat."""
+
+from __future__ import annotations
+
+import argparse
+
+from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
+                                      generation_args, load_generator)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medlora.chat import chat_loop
+
+    chat_loop(load_generator(args, adapter_path(args)), generation_args(args))
+    return 0

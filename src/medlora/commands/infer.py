@@ -1,0 +1,70 @@
+"""`medlora infer`: the seed's inference — print instruction / golden / model output blocks, keep results."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
+                                      generation_args, load_generator)
+from medlora.config import str2bool
+
+RESULTS = "results.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--instruct_dir", "--data", dest="instruct_dir", default=None,
+                    help="records to answer (any finetune data format); without it: an interactive prompt")
+    io.add_argument("--columns", default="", help="map source columns to fields, e.g. instruction=问题,output=回答")
+    io.add_argument("--model_output_dir", default=None, help=f"folder for {RESULTS} (instruction, golden, answer)")
+    io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
+    io.add_argument("--metrics", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
+                    help="print the evaluation metrics (ROUGE, BLEU, exact match, MCQ accuracy) after the run")
+    add_generation_arguments(parser)
+
+
+def format_block(row: dict) -> str:
+    """The seed's printed block for one record."""
+    lines = ["###Instruction###", row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")]
+    if row.get("golden"):
+        lines += ["###golden output###", row["golden"]]
+    lines += ["###model output###", row["output"]]
+    return "\n".join(lines) + "\n"
+
+
+def answer_records(generator, records: list[dict], gen, batch_size: int) -> list[dict]:
+    prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in records]
+    answers = generator.generate(prompts, gen, batch_size=batch_size)
+    return [
+        {"instruction": r["instruction"], "input": r["input"], "golden": r["output"], "output": a.text,
+         "tokens": a.n_tokens, "seconds": round(a.seconds, 4), "ended_by_eos": a.ended_by_eos}
+        for r, a in zip(records, answers)
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from medlora.data import load_records
+    from medlora.io import atomic_write_jsonl
+
+    gen = generation_args(args)
+    records = load_records(args.instruct_dir, require_output=False, columns=args.columns or None) \
+        if args.instruct_dir else None
+    generator = load_generator(args, adapter_path(args))
+    if records is None:
+        from medlora.chat import chat_loop
+
+        chat_loop(generator, gen, multi_turn=False)
+        return 0
+    rows = answer_records(generator, records, gen, args.batch_size)
+    for row in rows:
+        print(format_block(row), flush=True)
+    if args.model_output_dir:
+        path = atomic_write_jsonl(Path(args.model_output_dir) / RESULTS, rows)
+        print(f"[medlora] {len(rows)} results written to {path}")
+    if args.metrics:
+        from medlora.evaluate import print_metrics_table, score_results
+
+        print_metrics_table({"model": score_results(rows)})
+    return 0

@@ -1,0 +1,139 @@
+"""Typed options, split by concern, each field documented; the CLI is generated from them.
+
+Defaults are the seed recipe's (alpaca-lora / Huatuo). Fields with `aliases` also accept the seed's names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from medlora.errors import ConfigError
+
+
+def opt(default, help: str, aliases: tuple[str, ...] = (), choices=None):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+
+
+@dataclass
+class ModelArgs:
+    base_model: str = opt("tiny-qwen2", "built-in name (see `medlora models`), local folder or cached hub name")
+    dtype: str = opt("auto", "weights dtype: auto (bf16 where native, else fp32), bf16, fp32, fp16 (GPU only)",
+                     aliases=("--torch_dtype",))
+    load_8bit: bool = opt(False, "load the base model in 8-bit (bitsandbytes, CUDA only)", aliases=("--load_in_8bit",))
+    load_4bit: bool = opt(False, "load the base model in 4-bit NF4 (bitsandbytes, CUDA only)", aliases=("--load_in_4bit",))
+    trust_remote_code: bool = opt(False, "allow model code from the model folder to run (off unless asked)")
+    allow_pickle: bool = opt(False, "allow loading a pickled adapter_model.bin (can run arbitrary code)")
+
+
+@dataclass
+class DataArgs:
+    data_path: str = opt("data/medqa/train.jsonl", "training records: .json/.jsonl/.csv/.parquet, a folder, or a dataset name")
+    prompt_template: str = opt("med_template", "template name (med_template/chinese_med, alpaca, chat) or JSON file",
+                               aliases=("--template", "--prompt_template_name"))
+    columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答")
+    cutoff_len: int = opt(256, "maximum tokens per example (prompt + answer + EOS); longer ones are truncated")
+    val_set_size: float = opt(0.0, "held-out validation records: a count, or a fraction when below 1")
+    train_on_inputs: bool = opt(False, "also train on the prompt tokens (default: prompt labels are masked)")
+    add_eos_token: bool = opt(True, "append EOS to every answer so the model learns to stop")
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA scaling alpha")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA path")
+    lora_target_modules: str = opt("q_proj,v_proj", "comma-separated module names, or all-linear")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = opt("lora-out", "where the adapter, checkpoints and loss log are written")
+    batch_size: int = opt(128, "global batch size (examples per optimizer step over all processes)")
+    micro_batch_size: int = opt(4, "examples per forward pass; gradient accumulation is derived")
+    num_epochs: float = opt(3.0, "passes over the training data")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides num_epochs when > 0)")
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    warmup_steps: float = opt(0.03, "warmup: a step count, or a fraction of all steps when below 1",
+                              aliases=("--warmup_ratio",))
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    eval_steps: int = opt(200, "evaluate on the validation split every N steps (needs --val_set_size)")
+    save_steps: int = opt(200, "write a checkpoint every N steps")
+    save_total_limit: int = opt(3, "keep at most this many checkpoints")
+    logging_steps: int = opt(10, "log the training loss every N steps")
+    resume_from_checkpoint: str = opt("", "checkpoint folder to resume from, or 'auto' for the newest complete one")
+    group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+    seed: int = opt(42, "random seed (data order, LoRA init, validation split)")
+    save_bin: bool = opt(False, "also write adapter_model.bin (pickle) for tools that want the seed's file")
+    fast_loss: bool = opt(True, "compute LM-head logits and loss only at supervised positions (same loss, faster)")
+    report_to: str = opt("auto", "logging integrations: auto (tensorboard when installed), none, tensorboard, wandb")
+    deepspeed: str = opt("", "DeepSpeed config JSON passed to the Trainer")
+    fsdp: str = opt("", "FSDP options passed to the Trainer, e.g. 'full_shard auto_wrap'")
+
+
+@dataclass
+class GenerationArgs:
+    max_new_tokens: int = opt(256, "maximum tokens generated per answer")
+    do_sample: bool = opt(False, "sample instead of greedy/beam decoding")
+    temperature: float = opt(0.1, "sampling temperature (with --do_sample)")
+    top_p: float = opt(0.75, "nucleus sampling threshold (with --do_sample)")
+    top_k: int = opt(40, "top-k sampling (with --do_sample)")
+    num_beams: int = opt(1, "beam search width (the seed used 4)")
+    repetition_penalty: float = opt(1.0, "penalty on repeated tokens (1.0 = none)")
+
+    def to_generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                  "repetition_penalty": self.repetition_penalty, "do_sample": self.do_sample}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError("--max_new_tokens must be at least 1")
+        if self.num_beams < 1:
+            raise ConfigError("--num_beams must be at least 1")
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, group_title: str | None = None, skip=()) -> None:
+    """One flag per dataclass field (plus its aliases); booleans accept `--flag`, `--flag true|false`."""
+    group = parser.add_argument_group(group_title or cls.__name__)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+        kind = type(f.default)
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default!r})"}
+        if kind is bool:
+            kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs.update(type=kind)
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(*names, **kwargs)
+
+
+def build_dataclass(cls, values: dict):
+    """An instance of `cls` from the entries of `values` that name its fields."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def known_option_names(*classes) -> set[str]:
+    return {f.name for cls in classes for f in fields(cls)}
+
+
+def asdict(obj) -> dict:
+    return dataclasses.asdict(obj)

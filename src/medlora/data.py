@@ -1,0 +1,197 @@
+"""Load and validate instruction records: `{"instruction", "input", "output"}`.
+
+Sources: `.json` (a JSON array, or one object per line as in Huatuo's `llama_data.json`), `.jsonl`, `.csv`,
+`.parquet`, a folder of such files, or a dataset name for `datasets.load_dataset`. Every record is checked;
+a bad one raises `DataError` naming the file, the line or record number and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from medlora.errors import DataError
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+FIELDS = ("instruction", "input", "output")
+
+
+def parse_columns(spec: str | dict | None) -> dict[str, str]:
+    """`instruction=问题,output=答案` → {"问题": "instruction", "答案": "output"} (source column → field)."""
+    if not spec:
+        return {}
+    pairs = spec.items() if isinstance(spec, dict) else (p.split("=", 1) for p in spec.split(",") if p.strip())
+    mapping = {}
+    for pair in pairs:
+        if len(pair) != 2 or pair[0].strip() not in FIELDS:
+            raise DataError(f"--columns: expected FIELD=COLUMN with FIELD one of {', '.join(FIELDS)}; got {spec!r}")
+        mapping[pair[1].strip()] = pair[0].strip()
+    return mapping
+
+
+def load_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None) -> list[dict]:
+    """Every record of `source`, validated, as `{"instruction", "input", "output"}` dicts."""
+    records = list(iter_records(source, require_output=require_output, columns=columns))
+    if not records:
+        raise DataError(f"{source}: no records found")
+    return records
+
+
+def iter_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None) -> Iterator[dict]:
+    """Stream validated records; large JSONL files are read line by line, never whole."""
+    mapping = parse_columns(columns)
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in this folder")
+        for file in files:
+            yield from _iter_file(file, require_output, mapping)
+    elif path.is_file():
+        yield from _iter_file(path, require_output, mapping)
+    elif path.suffix.lower() in SUFFIXES or "/" in str(source) and not _looks_like_hub_name(str(source)):
+        raise DataError(f"{source}: no such file or folder")
+    else:
+        yield from _iter_hub_dataset(str(source), require_output, mapping)
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def _iter_file(path: Path, require_output: bool, mapping: dict) -> Iterator[dict]:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes)")
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+    elif suffix == ".csv":
+        rows = _read_csv(path)
+    elif suffix == ".json" and _first_char(path) == "[":
+        rows = _read_json_array(path)
+    else:
+        rows = _read_jsonl(path)
+    for where, row in rows:
+        yield validate_record(row, f"{path}: {where}", require_output, mapping)
+
+
+def validate_record(row, where: str, require_output: bool = True, mapping: dict | None = None) -> dict:
+    """Check one raw record and return it normalised; `where` says where it came from, for the message."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+    if mapping:
+        row = {mapping.get(key, key): value for key, value in row.items()}
+    record = {}
+    for name in FIELDS:
+        value = row.get(name)
+        optional = name == "input" or (name == "output" and not require_output)
+        if value is None:
+            if not optional:
+                state = "is null" if name in row else "is missing"
+                raise DataError(f"{where}: field '{name}' {state}")
+            value = ""
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+        if name != "input" and not optional and not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        record[name] = value
+    return record
+
+
+def _decode(raw: bytes, path: Path, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        raw.decode("gb18030")
+        hint = "it looks GBK/GB18030-encoded"
+    except UnicodeDecodeError:
+        hint = "its encoding is unknown"
+    raise DataError(
+        f"{path}: {where}: not valid UTF-8 ({hint}); convert it with: "
+        f"iconv -f GB18030 -t UTF-8 '{path}' > '{path.with_suffix('.utf8' + path.suffix)}'"
+    )
+
+
+def _first_char(path: Path) -> str:
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    return head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")[:1]
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, f"line {lineno}").lstrip("\ufeff").strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            yield f"line {lineno}", row
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
+    text = _decode(path.read_bytes(), path, "file").lstrip("\ufeff")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON array of records or one JSON object per line")
+    for index, row in enumerate(rows, start=1):
+        yield f"record {index}", row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
+    text = _decode(path.read_bytes(), path, "file").lstrip("\ufeff")
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for row in reader:
+        yield f"line {reader.line_num}", {key.strip(): value for key, value in row.items() if key is not None}
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    for index, row in enumerate(table.to_pylist(), start=1):
+        yield f"row {index}", row
+
+
+def _iter_hub_dataset(name: str, require_output: bool, mapping: dict) -> Iterator[dict]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # offline, unknown name, or a broken cache: all the same to the user
+        raise DataError(
+            f"{name}: not a file or folder, and datasets.load_dataset could not load it "
+            f"(no network here: only locally cached datasets work): {type(exc).__name__}"
+        ) from None
+    for index, row in enumerate(rows, start=1):
+        yield validate_record(row, f"{name}: row {index}", require_output, mapping)
+
+
+def split_records(records: list[dict], val_set_size: float | int, seed: int = 42) -> tuple[list[dict], list[dict]]:
+    """Hold out `val_set_size` records (a count, or a fraction when below 1) with a fixed seed."""
+    n_val = int(round(val_set_size * len(records))) if 0 < val_set_size < 1 else int(val_set_size)
+    if n_val < 0 or n_val >= len(records):
+        raise DataError(
+            f"--val_set_size {val_set_size} leaves no training records out of {len(records)}; use a smaller value"
+        )
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    val = [r for i, r in enumerate(records) if i in val_idx]
+    return train, val

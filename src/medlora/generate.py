@@ -1,0 +1,169 @@
+"""Batched and streaming generation over a base model with an optional LoRA adapter.
+
+Batches are sorted by prompt length and left-padded, so little compute goes to padding; an adapter is merged
+into the base weights for inference unless several adapters share one base.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medlora.config import GenerationArgs
+from medlora.modeling import MEDLORA_META, load_adapter, load_base_model, load_tokenizer, read_adapter_meta
+from medlora.templates import Template, load_template
+
+
+@dataclass
+class Answer:
+    text: str
+    n_tokens: int
+    ended_by_eos: bool
+    seconds: float
+
+
+def template_for(prompt_template: str | None, *folders) -> Template:
+    """The explicit template, else the one recorded in an adapter's/merged model's medlora.json, else med_template."""
+    if prompt_template:
+        return load_template(prompt_template)
+    for folder in folders:
+        if folder and Path(folder, MEDLORA_META).is_file():
+            recorded = read_adapter_meta(folder).get("template")
+            if recorded:
+                return load_template(recorded)
+    return load_template("med_template")
+
+
+class Generator:
+    """A model ready to answer: tokenizer (left padding), template, eval mode."""
+
+    def __init__(self, model, tokenizer, template: Template):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.model.eval()
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids = {i for i in eos | {tokenizer.eos_token_id} if i is not None}
+
+    @classmethod
+    def load(cls, base_model: str, lora_weights: str | None = None, prompt_template: str | None = None,
+             dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
+             allow_pickle: bool = False, merge: bool = True) -> "Generator":
+        tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
+        template = template_for(prompt_template, lora_weights, base_model)
+        model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)
+        if lora_weights:
+            model = load_adapter(model, lora_weights, allow_pickle=allow_pickle)
+            if merge and not (load_8bit or load_4bit):
+                model = model.merge_and_unload()
+        return cls(model, tokenizer, template)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def build_prompt(self, instruction: str, input: str = "", history=()) -> str:
+        return self.template.build_prompt(instruction, input, self.tokenizer, history)
+
+    def _encode(self, prompts: list[str]):
+        return self.tokenizer(prompts, return_tensors="pt", padding=True,
+                              add_special_tokens=not self.template.use_chat_template).to(self.device)
+
+    def _generate_kwargs(self, gen: GenerationArgs) -> dict:
+        kwargs = gen.to_generate_kwargs()
+        kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], gen: GenerationArgs, batch_size: int = 8) -> list[Answer]:
+        """Answers in the order of `prompts`; batches are formed from prompts of similar length."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        answers: list[Answer | None] = [None] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for index, answer in zip(batch, self._generate_batch([prompts[i] for i in batch], gen)):
+                answers[index] = answer
+        return answers
+
+    def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
+        encoded = self._encode(prompts)
+        started = time.perf_counter()
+        output = self.model.generate(**encoded, **self._generate_kwargs(gen))
+        seconds = (time.perf_counter() - started) / len(prompts)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
+        return [self._to_answer(tokens, seconds) for tokens in new_tokens]
+
+    def _to_answer(self, tokens: list[int], seconds: float) -> Answer:
+        ended = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        kept = tokens if ended is None else tokens[:ended]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Answer(self.template.extract_response(text), len(kept) + (ended is not None), ended is not None, seconds)
+
+    def stream(self, prompt: str, gen: GenerationArgs, stop_event: threading.Event | None = None) -> Iterator[str]:
+        """Text pieces of one answer as they are generated; cut at the template's stop markers.
+
+        Setting `stop_event` ends generation at the next token (Ctrl-C in chat, a dropped client in the server).
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop_event = stop_event or threading.Event()
+
+        class _StopOnEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**self._encode([prompt]), **self._generate_kwargs(gen), streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_StopOnEvent()]))
+        errors = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except Exception as exc:  # surfaced in the caller's thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from cut_at_markers(streamer, self.template.stop_strings, stop_event)
+        stop_event.set()
+        worker.join()
+        if errors:
+            raise errors[0]
+
+
+def cut_at_markers(pieces, markers: list[str], stop_event: threading.Event) -> Iterator[str]:
+    """Pass text pieces through until a marker appears; hold back what could be a marker's beginning."""
+    markers = [m for m in markers if m]
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        hits = [pending.index(m) for m in markers if m in pending]
+        if hits:
+            head = pending[:min(hits)].rstrip()
+            if head:
+                yield head
+            stop_event.set()
+            for _ in pieces:  # drain so the generating thread can finish
+                pass
+            return
+        keep = max((len(m) - 1 for m in markers), default=0)
+        safe = len(pending)
+        for size in range(min(keep, len(pending)), 0, -1):
+            if any(m.startswith(pending[-size:]) for m in markers):
+                safe = len(pending) - size
+                break
+        if safe:
+            yield pending[:safe]
+            pending = pending[safe:]
+    if pending.strip():
+        yield pending.rstrip()

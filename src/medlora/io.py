@@ -1,0 +1,80 @@
+"""Atomic output: every file is written to a temporary name beside its target, then renamed over it.
+
+A reader (or a run killed at any moment) sees the complete old file, the complete new one, or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path to write; on success it replaces `target`, on failure it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(target: str | Path, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def atomic_write_jsonl(target: str | Path, rows: Iterable[dict]) -> Path:
+    with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(target)
+
+
+def replace_folder_contents(staging: Path, dest: Path, last: str) -> None:
+    """Move every file of `staging` into `dest`; `last` (the file that marks the folder complete) goes last.
+
+    `last` is removed from `dest` first, so during the swap the folder never looks complete with mixed files.
+    """
+    marker = dest / last
+    if marker.exists():
+        marker.unlink()
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != last)
+    for name in [*names, last]:
+        os.chmod(staging / name, 0o666 & ~_umask())
+        os.replace(staging / name, dest / name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_manifest(folder: Path, marker: str, **extra) -> None:
+    """Record every file's size in `folder/marker`: written last, it says the folder is complete."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != marker}
+    atomic_write_text(folder / marker, json.dumps({**extra, "files": files}, ensure_ascii=False, indent=1))
+
+
+def manifest_ok(folder: Path, marker: str) -> bool:
+    """The marker exists and every file it lists is present with its recorded size."""
+    try:
+        files = json.loads((folder / marker).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())

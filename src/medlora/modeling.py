@@ -1,0 +1,260 @@
+"""Base model and tokenizer loading, dtype/device choice, and LoRA attach / load / merge.
+
+Built-in model names resolve first (see `medlora.registry`), then local folders, then the local Hugging Face
+cache: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from medlora.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+MEDLORA_META = "medlora.json"
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str = "auto", device: str | None = None) -> torch.dtype:
+    """`auto`: bf16 where the hardware computes it natively, else fp32. fp16 is refused on CPU."""
+    device = device or default_device()
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if name not in DTYPES:
+        raise ModelError(f"--dtype {name!r}: use one of auto, bf16, fp32, fp16")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device == "cpu":
+        raise ModelError("--dtype fp16 is not usable on CPU (no fp16 matmul kernels: ~1000x slower); use bf16 or fp32")
+    return dtype
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in name becomes its prepared cache folder; anything else is returned as given."""
+    from medlora.registry import BUILTIN_MODELS, prepare_builtin
+
+    if name_or_path in BUILTIN_MODELS:
+        return str(prepare_builtin(name_or_path))
+    return name_or_path
+
+
+def _hub_kwargs(name_or_path: str) -> dict:
+    # Hub names are read from the local cache only: this toolkit never downloads weights at run time.
+    return {} if Path(name_or_path).exists() else {"local_files_only": True}
+
+
+def _not_found(name_or_path: str, exc: Exception) -> ModelError:
+    from medlora.registry import BUILTIN_MODELS
+
+    return ModelError(
+        f"cannot load model {name_or_path!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local folder "
+        f"with config.json, and not in the local Hugging Face cache (nothing is downloaded) [{type(exc).__name__}]"
+    )
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (its own, else EOS: never a hard-coded id)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_hub_kwargs(path))
+    except (OSError, ValueError) as exc:
+        raise _not_found(name_or_path, exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype):
+    """A BitsAndBytesConfig for 8-/4-bit loading; bitsandbytes needs CUDA."""
+    if not (load_8bit or load_4bit):
+        return None
+    if load_8bit and load_4bit:
+        raise ModelError("choose one of --load_8bit and --load_4bit")
+    if not torch.cuda.is_available():
+        flag = "--load_8bit" if load_8bit else "--load_4bit"
+        raise ModelError(f"{flag} needs a CUDA GPU (bitsandbytes); this machine has none: drop the flag")
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True
+    )
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: str = "auto",
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+):
+    """The base causal LM in the chosen dtype, on `device` (CUDA when present, else CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    quant = quantization_config(load_8bit, load_4bit, torch_dtype)
+    path = resolve_model_path(name_or_path)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **_hub_kwargs(path)}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise _not_found(name_or_path, exc) from None
+    if quant is None:
+        model.to(device)
+    return model
+
+
+def model_fingerprint(config) -> dict:
+    """What an adapter depends on in its base: architecture and the shapes LoRA layers attach to."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {key: getattr(text_config, key, None) for key in keys}
+
+
+def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules="q_proj,v_proj"):
+    """Wrap `model` in a trainable LoRA adapter; the frozen base keeps its dtype, the adapter stays fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = parse_target_modules(target_modules)
+    check_target_modules(model, targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+def parse_target_modules(spec) -> str | list[str]:
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    spec = spec.strip()
+    if spec in ("all-linear", "all_linear"):
+        return "all-linear"
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def check_target_modules(model, targets) -> None:
+    """Fail before training when a named target module does not exist in the base model."""
+    if targets == "all-linear":
+        return
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(
+            f"--lora_target_modules: {', '.join(missing)} not found in this model; its linear layers are: "
+            f"{', '.join(linear)} (or use all-linear)"
+        )
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> dict:
+    """medlora.json of an adapter (template, base model, training arguments), or {} for foreign adapters."""
+    path = Path(adapter_dir) / MEDLORA_META
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{path}: not valid JSON") from None
+
+
+def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Path:
+    """Refuse a folder that is not a usable adapter, with the reason, before loading any weights."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise ModelError(f"--lora_weights {adapter_dir}: no such folder")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: missing adapter_config.json (not a finished LoRA adapter folder)")
+    safetensors_file = path / "adapter_model.safetensors"
+    if safetensors_file.is_file():
+        _check_safetensors(safetensors_file)
+    elif (path / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise ModelError(
+                f"{path}: only a pickled adapter_model.bin is present; pickle files can run arbitrary code when "
+                f"loaded. Pass --allow_pickle if you trust its source"
+            )
+    else:
+        raise ModelError(f"{path}: no adapter_model.safetensors (or adapter_model.bin) in the folder")
+    return path
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if keys:
+                handle.get_slice(keys[-1])
+        expected = _safetensors_data_end(path)
+    except Exception as exc:  # safetensors raises its own error types for a broken header
+        raise ModelError(f"{path}: not a readable safetensors file ({exc}); it may be truncated") from None
+    if path.stat().st_size < expected:
+        raise ModelError(f"{path}: truncated ({path.stat().st_size} bytes, header says {expected})")
+
+
+def _safetensors_data_end(path: Path) -> int:
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    return 8 + header_len + max(ends, default=0)
+
+
+def check_adapter_base(adapter_dir: str | Path, model) -> None:
+    """Refuse an adapter trained on a different base, naming both."""
+    meta = read_adapter_meta(adapter_dir)
+    trained_on = meta.get("base_fingerprint")
+    current = model_fingerprint(model.config)
+    if trained_on and trained_on != current:
+        diff = ", ".join(f"{k}: {trained_on.get(k)} vs {current.get(k)}" for k in current if trained_on.get(k) != current[k])
+        raise ModelError(
+            f"{adapter_dir}: this adapter was trained on base model {meta.get('base_model')!r}, which differs from "
+            f"the one loaded ({diff}); pass the matching --base_model"
+        )
+
+
+def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False, adapter_name: str = "default"):
+    """Put a saved adapter on `model` (a PeftModel is returned), after checking it fits this base."""
+    from peft import PeftModel
+
+    path = check_adapter_dir(adapter_dir, allow_pickle)
+    check_adapter_base(path, model)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name)
+            return model
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: this adapter does not fit the base model: {str(exc).splitlines()[0][:300]}") from None

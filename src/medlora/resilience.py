@@ -1,0 +1,101 @@
+"""Crash-safe training: checkpoint completeness markers, `--resume_from_checkpoint auto`, graceful stop.
+
+Trainer writes a checkpoint folder file by file; a marker written after it finished tells a complete one from
+a partial one (a run killed mid-save), so `auto` resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from medlora.errors import ConfigError
+from medlora.io import manifest_ok, write_manifest
+
+COMPLETE_MARKER = ".medlora-complete"
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved, resume later
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_manifest(folder, COMPLETE_MARKER, step=state.global_step)
+        return control
+
+
+class GracefulStopCallback(TrainerCallback):
+    """On SIGTERM/SIGINT: save a checkpoint at the next step boundary and stop. A second signal stops at once."""
+
+    def __init__(self):
+        self.requested = None
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested is not None:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+        return control
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    @contextmanager
+    def installed(self):
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for sig in previous:
+                signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return manifest_ok(path, COMPLETE_MARKER) and (path / "trainer_state.json").is_file()
+
+
+def find_resume_checkpoint(output_dir: str, spec: str, echo=print) -> str | None:
+    """`''` → None; a folder → itself; `auto` → the newest complete checkpoint in `output_dir` (or None)."""
+    if not spec:
+        return None
+    if spec != "auto":
+        if not Path(spec).is_dir():
+            raise ConfigError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
+        return spec
+    candidates = sorted((p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) >= 0),
+                        key=checkpoint_step, reverse=True)
+    for path in candidates:
+        if is_complete_checkpoint(path):
+            echo(f"[medlora] resuming from {path}")
+            return str(path)
+        echo(f"[medlora] warning: skipping incomplete checkpoint {path} (interrupted while saving)")
+    echo(f"[medlora] no complete checkpoint in {output_dir}: starting from scratch")
+    return None
+
+
+def resume_epoch(checkpoint: str | None) -> float:
+    if not checkpoint:
+        return 0.0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return float(state.get("epoch") or 0.0)

@@ -1,0 +1,135 @@
+"""Prompt templates in the alpaca-lora/Huatuo JSON format, plus the tokenizer's own chat template.
+
+A template file holds `description`, `prompt_input`, `prompt_no_input` and `response_split`.
+`--prompt_template` takes a built-in name (see `BUILTIN_TEMPLATES`) or a path to such a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medlora.errors import TemplateError
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).parent
+ALIASES = {"chinese_med": "med_template", "med": "med_template"}
+BUILTIN_TEMPLATES = ("med_template", "alpaca", "chat")
+REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+
+
+@dataclass
+class Template:
+    """One prompt format: how to turn an instruction (and optional input) into a prompt."""
+
+    name: str
+    prompt_input: str = ""
+    prompt_no_input: str = ""
+    response_split: str = ""
+    description: str = ""
+    use_chat_template: bool = False
+    _warned_dropped_input: bool = field(default=False, repr=False)
+
+    def build_prompt(self, instruction: str, input: str = "", tokenizer=None, history=()) -> str:
+        """The prompt text the model sees before its answer.
+
+        `history` is a sequence of earlier (user, assistant) turns, for multi-turn chat.
+        """
+        if self.use_chat_template:
+            return self._build_chat_prompt(instruction, input, tokenizer, history)
+        prompt = "".join(self._format(user, "") + answer + "\n" for user, answer in history)
+        return prompt + self._format(instruction, input)
+
+    def _format(self, instruction: str, input: str) -> str:
+        if not input:
+            return self.prompt_no_input.format(instruction=instruction)
+        if "{input}" not in self.prompt_input:
+            # The Huatuo template has no {input} slot: keep the input rather than lose it silently.
+            if not self._warned_dropped_input:
+                logger.warning(
+                    "template %r has no {input} slot; appending each record's input to its instruction", self.name
+                )
+                self._warned_dropped_input = True
+            return self.prompt_input.format(instruction=f"{instruction}\n{input}")
+        return self.prompt_input.format(instruction=instruction, input=input)
+
+    def _build_chat_prompt(self, instruction, input, tokenizer, history) -> str:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "template 'chat' needs a tokenizer with a chat template; this model has none "
+                "(use --prompt_template med_template for base models)"
+            )
+        messages = []
+        for user, answer in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        content = f"{instruction}\n{input}" if input else instruction
+        messages.append({"role": "user", "content": content})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Markers that end an answer: the response split and the template's other section headers.
+
+        A model that keeps going after its answer usually starts a new "### 问题:" block; what follows is not
+        part of the answer.
+        """
+        headers = [line.strip() for line in self.prompt_no_input.splitlines() if line.strip().startswith("###")]
+        return list(dict.fromkeys([self.response_split, *headers] if self.response_split else headers))
+
+    def extract_response(self, generated: str) -> str:
+        """The answer in freshly generated text: cut at the first stop marker, stripped."""
+        for marker in self.stop_strings:
+            if marker and marker in generated:
+                generated = generated[: generated.index(marker)]
+        return generated.strip()
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "prompt_input": self.prompt_input,
+            "prompt_no_input": self.prompt_no_input,
+            "response_split": self.response_split,
+            "use_chat_template": self.use_chat_template,
+        }
+
+
+def load_template(name_or_path: str | dict) -> Template:
+    """A built-in template by name (or alias), a template JSON file, or a dict saved in medlora.json."""
+    if isinstance(name_or_path, dict):
+        data = dict(name_or_path)
+        return Template(
+            name=data.pop("name", "custom"),
+            use_chat_template=data.pop("use_chat_template", False),
+            **{k: data[k] for k in (*REQUIRED_KEYS, "description") if k in data},
+        )
+    name = ALIASES.get(name_or_path, name_or_path)
+    if name == "chat":
+        return Template(name="chat", use_chat_template=True, description="the tokenizer's own chat template")
+    path = TEMPLATE_DIR / f"{name}.json" if name in BUILTIN_TEMPLATES else Path(name_or_path)
+    if not path.is_file():
+        raise TemplateError(
+            f"unknown template {name_or_path!r}: not a built-in ({', '.join(BUILTIN_TEMPLATES)}, "
+            f"alias chinese_med) and no such file"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"{path}: not a valid JSON template: {exc}") from None
+    if not isinstance(data, dict):
+        raise TemplateError(f"{path}: a template must be a JSON object")
+    for key in REQUIRED_KEYS:
+        if not isinstance(data.get(key), str):
+            raise TemplateError(f"{path}: field {key!r} must be a string")
+    if "{instruction}" not in data["prompt_no_input"] or "{instruction}" not in data["prompt_input"]:
+        raise TemplateError(f"{path}: prompt_input and prompt_no_input must contain {{instruction}}")
+    return Template(
+        name=path.stem,
+        prompt_input=data["prompt_input"],
+        prompt_no_input=data["prompt_no_input"],
+        response_split=data["response_split"],
+        description=data.get("description", ""),
+    )

@@ -1,0 +1,272 @@
+"""The fine-tuning recipe: records → tokens → LoRA on a frozen base → adapter, over `transformers.Trainer`.
+
+    setup (data, tokenizer, model) → train (Trainer, callbacks) → save (atomic adapter folder + medlora.json)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from medlora import __version__
+from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
+from medlora.data import load_records, split_records
+from medlora.errors import ConfigError, MedloraError, TrainingError
+from medlora.fastloss import supervised_loss
+from medlora.io import atomic_write_text, replace_folder_contents
+from medlora.modeling import (MEDLORA_META, attach_lora, load_base_model, load_tokenizer, model_fingerprint,
+                              resolve_dtype, resolve_model_path)
+from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
+from medlora.templates import load_template
+from medlora.tokenize import TokenizeStats, tokenize_records
+
+logger = logging.getLogger(__name__)
+LOSS_LOG = "loss_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    train_loss: float | None
+    eval_loss: float | None
+    wall_seconds: float
+    supervised_tokens: int
+    tokens_per_second: float
+    stats: TokenizeStats
+    interrupted: bool = False
+    log_history: list = field(default_factory=list)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def gradient_accumulation(batch_size: int, micro_batch_size: int, n_processes: int) -> int:
+    """Steps to accumulate so that the global batch stays `batch_size` whatever the number of processes."""
+    per_step = micro_batch_size * n_processes
+    if batch_size < per_step or batch_size % per_step:
+        raise ConfigError(
+            f"--batch_size {batch_size} must be a multiple of --micro_batch_size {micro_batch_size} × "
+            f"{n_processes} process(es) = {per_step}"
+        )
+    return batch_size // per_step
+
+
+def check_cutoff_len(base_model: str, cutoff_len: int, trust_remote_code: bool = False) -> None:
+    """Fail before loading weights when examples could exceed the model's context."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(base_model), trust_remote_code=trust_remote_code)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if context and cutoff_len > context:
+        raise ConfigError(f"--cutoff_len {cutoff_len} exceeds the model's context of {context} tokens")
+
+
+def prepare_datasets(data: DataArgs, tokenizer, seed: int):
+    """Tokenised train/validation datasets and what happened on the way, reported before training."""
+    from datasets import Dataset
+
+    template = load_template(data.prompt_template)
+    records = load_records(data.data_path, columns=data.columns or None)
+    train_records, val_records = split_records(records, data.val_set_size, seed) if data.val_set_size else (records, [])
+    tokenize = dict(template=template, tokenizer=tokenizer, cutoff_len=data.cutoff_len,
+                    train_on_inputs=data.train_on_inputs, add_eos_token=data.add_eos_token)
+    train_examples, stats = tokenize_records(train_records, **tokenize)
+    if not train_examples:
+        raise MedloraError(f"{data.data_path}: no training example left after tokenisation ({stats.summary()})")
+    val_examples, _ = tokenize_records(val_records, **tokenize) if val_records else ([], None)
+    train_ds = Dataset.from_list(train_examples)
+    val_ds = Dataset.from_list(val_examples) if val_examples else None
+    return template, train_ds, val_ds, stats
+
+
+def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: bool):
+    accumulation = gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
+    report_to = args.report_to
+    if report_to == "auto":
+        report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if val_ds is not None else "no",
+        eval_steps=args.eval_steps if val_ds is not None else None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        report_to=report_to,
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        deepspeed=args.deepspeed or None,
+        fsdp=args.fsdp or "",
+        disable_tqdm=not is_main_process(),
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)
+    trainer_cls = SupervisedLossTrainer if args.fast_loss else Trainer
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
+                          data_collator=collator, processing_class=tokenizer)
+    trainer.add_callback(LossLogCallback(Path(args.output_dir) / LOSS_LOG))
+    trainer.add_callback(CheckpointMarkerCallback())
+    return trainer
+
+
+class SupervisedLossTrainer(Trainer):
+    """Trainer whose loss needs LM-head logits only where labels are supervised (see medlora.fastloss)."""
+
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, n_tokens = supervised_loss(model, inputs)
+        if num_items_in_batch is None:
+            loss = loss_sum / max(n_tokens, 1) / self.current_gradient_accumulation_steps
+        else:
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        check_finite(loss, self.state.global_step + 1)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss_sum, n_tokens = supervised_loss(model, inputs)
+        return (loss_sum / max(n_tokens, 1)).detach(), None, None
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        raise TrainingError(
+            f"training diverged: the loss became {loss.item()} at step {step}; nothing was saved from this step on. "
+            f"Lower --learning_rate or check the data"
+        )
+
+
+class LossLogCallback(TrainerCallback):
+    """Appends every logged metric to `loss_log.jsonl` (main process only), for reports and plots."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+        for key in ("loss", "eval_loss"):
+            value = row.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(f"training diverged: {key} became {value} at step {state.global_step}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, template, model) -> dict:
+    return {
+        "medlora_version": __version__,
+        "base_model": model_args.base_model,
+        "base_fingerprint": model_fingerprint(model.config),
+        "template": template.to_dict(),
+        "model_args": asdict(model_args),
+        "data_args": asdict(data),
+        "lora_args": asdict(lora),
+        "train_args": asdict(args),
+    }
+
+
+def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bool = False) -> Path:
+    """Write adapter + tokenizer + medlora.json so that a reader sees the old adapter, the new one, or none."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if save_bin:
+            from safetensors.torch import load_file
+
+            weights = load_file(Path(staging) / "adapter_model.safetensors")
+            torch.save(weights, Path(staging) / "adapter_model.bin")
+        tokenizer.save_pretrained(staging)
+        atomic_write_text(Path(staging) / MEDLORA_META, json.dumps(meta, ensure_ascii=False, indent=2))
+        replace_folder_contents(Path(staging), out_dir, last="adapter_config.json")
+    return out_dir
+
+
+def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, echo=print) -> TrainResult:
+    """Train a LoRA adapter and save it in `args.output_dir`."""
+    set_seed(args.seed)
+    check_cutoff_len(model_args.base_model, data.cutoff_len, model_args.trust_remote_code)
+    gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
+    resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, echo)
+
+    tokenizer = load_tokenizer(model_args.base_model, padding_side="right", trust_remote_code=model_args.trust_remote_code)
+    template, train_ds, val_ds, stats = prepare_datasets(data, tokenizer, args.seed)
+    if is_main_process():
+        echo(f"[medlora] {stats.summary()}; {len(train_ds)} train / {len(val_ds) if val_ds else 0} validation examples")
+
+    model = load_base_model(model_args.base_model, model_args.dtype, model_args.load_8bit, model_args.load_4bit,
+                            model_args.trust_remote_code)
+    if model_args.load_8bit or model_args.load_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    model = attach_lora(model, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules)
+    bf16 = resolve_dtype(model_args.dtype) == torch.bfloat16
+    trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, bf16)
+    stopper = GracefulStopCallback()
+    trainer.add_callback(stopper)
+
+    start = time.perf_counter()
+    with stopper.installed():
+        output = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - start
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if val_ds is not None and not stopper.stopped:
+        eval_losses.append(trainer.evaluate()["eval_loss"])
+    supervised = _supervised_tokens_trained(train_ds, trainer.state.epoch or 0, resume_epoch(resume))
+
+    if stopper.stopped:
+        return TrainResult(args.output_dir, train_losses[-1] if train_losses else None, None, wall, supervised,
+                           supervised / wall if wall else 0.0, stats, interrupted=True, log_history=history)
+    if trainer.is_world_process_zero():
+        meta = adapter_metadata(model_args, data, lora, args, template, model)
+        meta["result"] = {"train_loss": train_losses[-1] if train_losses else None,
+                          "eval_loss": eval_losses[-1] if eval_losses else None, "wall_seconds": round(wall, 2)}
+        save_adapter(model, tokenizer, args.output_dir, meta, save_bin=args.save_bin)
+    return TrainResult(args.output_dir, train_losses[-1] if train_losses else None,
+                       eval_losses[-1] if eval_losses else None, wall, supervised,
+                       supervised / wall if wall else 0.0, stats, log_history=history)
+
+
+def _supervised_tokens_trained(train_ds, epochs_at_end: float, epochs_at_start: float) -> int:
+    """Supervised (label ≠ -100) tokens the optimizer saw in this run."""
+    per_epoch = sum(sum(1 for label in labels[1:] if label != -100) for labels in train_ds["labels"])
+    return int(per_epoch * max(epochs_at_end - epochs_at_start, 0))
