@@ -80,7 +80,10 @@ def build_tiny_qwen2(out_dir: Path) -> None:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.4,  # large enough for peaked logits at hidden size 64, so the model can learn to stop
+        # No pad_token_id in the config: its embedding row would be zeroed at init, and pad is EOS here, so
+        # the model could never learn to stop.
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
