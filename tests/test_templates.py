@@ -1,0 +1,74 @@
+import json
+import logging
+
+import pytest
+
+from medlora.errors import TemplateError
+from medlora.templates import load_template
+from conftest import SHARED_DATA
+
+HUATUO_TEMPLATE = SHARED_DATA / "huatuo" / "med_template.json"
+
+
+def test_builtin_med_template_and_alias_are_the_same():
+    med, alias = load_template("med_template"), load_template("chinese_med")
+    assert med.prompt_no_input == alias.prompt_no_input
+    prompt = med.build_prompt("感冒怎么办？")
+    assert prompt.endswith("### 问题:\n感冒怎么办？\n### 回答:\n")
+    assert "### 补充信息:\n患者3岁" in med.build_prompt("感冒怎么办？", "患者3岁")
+
+
+def test_alpaca_template_places_input():
+    alpaca = load_template("alpaca")
+    prompt = alpaca.build_prompt("Name a drug.", "for gout")
+    assert "### Instruction:\nName a drug.\n\n### Input:\nfor gout\n\n### Response:\n" in prompt
+
+
+@pytest.mark.skipif(not HUATUO_TEMPLATE.exists(), reason="../shared/data/huatuo is absent")
+def test_huatuo_template_file_works_as_is_and_keeps_input(caplog):
+    template = load_template(str(HUATUO_TEMPLATE))
+    expected = json.loads(HUATUO_TEMPLATE.read_text())["prompt_no_input"].format(instruction="问题一")
+    assert template.build_prompt("问题一") == expected
+    with caplog.at_level(logging.WARNING):
+        first = template.build_prompt("问题一", "补充一")
+        template.build_prompt("问题二", "补充二")
+    assert "问题一\n补充一" in first  # the template has no {input}: the input is appended, not dropped
+    assert sum("no {input} slot" in r.message for r in caplog.records) == 1  # warned once
+
+
+def test_extract_response_cuts_at_next_section():
+    template = load_template("med_template")
+    assert template.extract_response(" 多饮多尿。\n### 问题:\n又一个") == "多饮多尿。"
+    assert template.extract_response("答案\n### 回答:\n重复") == "答案"
+
+
+def test_chat_template_needs_a_tokenizer_with_one():
+    chat = load_template("chat")
+    with pytest.raises(TemplateError, match="chat template"):
+        chat.build_prompt("hi")
+
+
+def test_chat_template_uses_tokenizer(tiny_model):
+    from medlora.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    prompt = load_template("chat").build_prompt("头痛怎么办？", history=[("你好", "您好")], tokenizer=tokenizer)
+    assert prompt == ("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n您好<|im_end|>\n"
+                      "<|im_start|>user\n头痛怎么办？<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not a valid JSON template"),
+    ('{"prompt_input": "{instruction}", "prompt_no_input": "{instruction}"}', "'response_split' must be a string"),
+    ('{"prompt_input": "x", "prompt_no_input": "y", "response_split": "z"}', "must contain {instruction}"),
+])
+def test_bad_template_files(tmp_path, content, message):
+    path = tmp_path / "t.json"
+    path.write_text(content)
+    with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        load_template(str(path))
+
+
+def test_unknown_template_name():
+    with pytest.raises(TemplateError, match="unknown template 'nope'"):
+        load_template("nope")

@@ -1,0 +1,40 @@
+from medlora.modeling import load_tokenizer
+from medlora.templates import load_template
+from medlora.tokenize import IGNORE_INDEX, tokenize_records
+
+RECORD = {"instruction": "糖尿病的典型症状有哪些？", "input": "", "output": "多饮、多尿、多食、体重下降。"}
+
+
+def test_prompt_is_masked_and_answer_is_supervised_token_by_token(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    template = load_template("med_template")
+    (example,), stats = tokenize_records([RECORD], template, tokenizer, cutoff_len=256)
+    prompt_ids = tokenizer(template.build_prompt(RECORD["instruction"]))["input_ids"]
+    answer_ids = tokenizer(RECORD["output"], add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == prompt_ids + answer_ids + [tokenizer.eos_token_id]
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
+    assert tokenizer.decode(example["input_ids"][len(prompt_ids):-1]) == RECORD["output"]
+    assert example["attention_mask"] == [1] * len(example["input_ids"])
+    assert stats.n_supervised_tokens == len(answer_ids) + 1 and stats.n_truncated == 0
+
+
+def test_train_on_inputs_supervises_everything(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    (example,), _ = tokenize_records([RECORD], load_template("med_template"), tokenizer, train_on_inputs=True)
+    assert example["labels"] == example["input_ids"]
+
+
+def test_truncation_and_drops_are_counted(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    template = load_template("med_template")
+    prompt_len = len(tokenizer(template.build_prompt(RECORD["instruction"]))["input_ids"])
+    examples, stats = tokenize_records([RECORD], template, tokenizer, cutoff_len=prompt_len + 2)
+    assert len(examples[0]["input_ids"]) == prompt_len + 2 and stats.n_truncated == 1
+    examples, stats = tokenize_records([RECORD], template, tokenizer, cutoff_len=prompt_len)
+    assert examples == [] and stats.n_dropped == 1 and stats.n_truncated == 1
+
+
+def test_no_eos_when_disabled(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    (example,), _ = tokenize_records([RECORD], load_template("med_template"), tokenizer, add_eos_token=False)
+    assert example["input_ids"][-1] != tokenizer.eos_token_id
