@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_block(row), flush=True)
     if args.model_output_dir:
         path = atomic_write_jsonl(Path(args.model_output_dir) / RESULTS, rows)
-        print(f"[medlora] {len(rows)} results written to {path}")
+        print(f"[medlora] {len(rows)} results written to {path}", file=sys.stderr)
     if args.metrics:
         from medlora.evaluate import print_metrics_table, score_results
 
