@@ -1,0 +1,154 @@
+"""`medlora eval`: answer records with golden outputs using the base model and each adapter (or re-score existing
+results.jsonl files), then write metrics.json, report.md and report.html."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from medlora.commands._common import add_generation_arguments, generation_args, model_args
+from medlora.config import ModelArgs, add_dataclass_args, str2bool
+from medlora.errors import ConfigError
+
+BASE_LABEL = "base"
+RESULTS = "results.jsonl"
+METRICS = "metrics.json"
+log = logging.getLogger("medlora")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, ModelArgs, "model")
+    models = parser.add_argument_group("models to compare")
+    models.add_argument("--lora_weights", action="append", default=[], metavar="[NAME=]DIR",
+                        help="an adapter folder to evaluate besides the base model (repeatable); "
+                             "labelled by its folder name unless NAME= is given")
+    models.add_argument("--results", nargs="+", default=[], metavar="[NAME=]FILE",
+                        help="score existing results.jsonl files instead of generating; labelled by their parent "
+                             "folder name unless NAME= is given")
+    models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
+                        help="template name or JSON file (default: the adapter's, else med_template)")
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--data", "--instruct_dir", dest="data", default=None,
+                    help="records with golden outputs (any finetune data format)")
+    io.add_argument("--columns", default="", help="map source columns to fields, e.g. instruction=问题,output=回答")
+    io.add_argument("--out", default="eval-out", help="folder for metrics.json, the reports and <label>/results.jsonl")
+    io.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: all)")
+    io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
+    io.add_argument("--perplexity", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
+                    help="also compute each model's loss and perplexity on the golden answers")
+    io.add_argument("--train_dir", default=None,
+                    help="a finetune output folder: its loss_log.jsonl is plotted into the report")
+    io.add_argument("--show", type=int, default=5, help="records printed per model, seed-style (default: 5)")
+    add_generation_arguments(parser)
+    parser.set_defaults(max_new_tokens=128)
+
+
+def labelled(spec: str, default_label: str) -> tuple[str, str]:
+    """`NAME=PATH` → (NAME, PATH); a plain PATH → (default_label, PATH)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name and not Path(spec).exists():
+        return name, path
+    return default_label, spec
+
+
+def model_specs(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(adapters, results files) as (label, path) pairs; labels are checked to be distinct folder names."""
+    adapters = [labelled(s, Path(s.rstrip("/")).name) for s in args.lora_weights]
+    results = [labelled(s, Path(s).resolve().parent.name) for s in args.results]
+    generating = bool(adapters) or "base_model" in vars(args) or not results
+    labels = ([BASE_LABEL] if generating else []) + [label for label, _ in adapters + results]
+    for label in labels:
+        if label in ("", ".", "..") or "/" in label or "\\" in label:
+            raise ConfigError(f"model label {label!r} cannot be a folder name; choose one with NAME=PATH")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ConfigError(f"two models are labelled {', '.join(duplicates)}; name them with NAME=PATH")
+    if generating and not args.data:
+        raise ConfigError("--data FILE (records with golden outputs) is needed to generate answers")
+    if args.perplexity and not generating:
+        raise ConfigError("--perplexity needs a model (--base_model / --lora_weights) and --data")
+    return ([(BASE_LABEL, "")] + adapters if generating else []), results
+
+
+def read_results(path: str, limit: int) -> list[dict]:
+    from medlora.errors import DataError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"--results {path}: {exc.strerror}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+    return rows[:limit] if limit > 0 else rows
+
+
+def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tuple[dict, dict]:
+    """Answer `records` with the base model, then with each adapter put on that same loaded base."""
+    from medlora.commands.infer import answer_records
+    from medlora.evaluate import perplexity
+    from medlora.generate import Generator, template_for
+    from medlora.modeling import check_adapter_dir, load_adapter
+
+    margs, gen = model_args(args), generation_args(args)
+    adapter_dirs = [path for _, path in models if path]
+    for path in adapter_dirs:  # refuse a bad adapter before spending time on the base model
+        check_adapter_dir(path, margs.allow_pickle)
+    base = Generator.load(margs.base_model, None, None, margs.dtype, margs.load_8bit, margs.load_4bit,
+                          margs.trust_remote_code)
+    model, rows_by_label, extra = base.model, {}, {}
+    for index, (label, adapter) in enumerate(models):
+        log.info("eval: answering %d records with %s", len(records), label)
+        template = template_for(args.prompt_template, *([adapter] if adapter else adapter_dirs), margs.base_model)
+        if adapter:
+            name = f"adapter{index}"  # PEFT module keys; a label may hold characters they cannot
+            model = load_adapter(model, adapter, allow_pickle=margs.allow_pickle, adapter_name=name)
+            model.set_adapter(name)
+        generator = Generator(model, base.tokenizer, template)
+        rows_by_label[label] = answer_records(generator, records, gen, args.batch_size)
+        if args.perplexity:
+            extra[label] = perplexity(generator, None, None, records, batch_size=args.batch_size)
+    return rows_by_label, extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from medlora.commands.infer import format_block
+    from medlora.data import load_records
+    from medlora.evaluate import print_metrics_table, score_results
+    from medlora.io import atomic_write_jsonl, atomic_write_text
+    from medlora.report import read_loss_log, write_report
+
+    if args.limit < 0 or args.show < 0 or args.batch_size < 1:
+        raise ConfigError("--limit and --show must be ≥ 0 and --batch_size ≥ 1")
+    models, result_files = model_specs(args)
+    if args.train_dir:
+        read_loss_log(args.train_dir)  # fail before generating, not after
+    out = Path(args.out)
+    rows_by_label, extra = {}, {}
+    if models:
+        records = load_records(args.data, require_output=True, columns=args.columns or None)
+        records = records[:args.limit] if args.limit else records
+        rows_by_label, extra = generate_all(args, models, records)
+        for label, rows in rows_by_label.items():
+            atomic_write_jsonl(out / label / RESULTS, rows)
+    for label, path in result_files:
+        rows_by_label[label] = read_results(path, args.limit)
+
+    metrics = {label: {**score_results(rows), **extra.get(label, {})} for label, rows in rows_by_label.items()}
+    for label, rows in rows_by_label.items():
+        if args.show and rows:
+            print(f"===== {label} =====")
+            for row in rows[:args.show]:
+                print(format_block(row), flush=True)
+    atomic_write_text(out / METRICS, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    source = args.data or ", ".join(path for _, path in result_files)
+    written = write_report(out, metrics, rows_by_label, args.train_dir, subtitle=f"records: {source}")
+    print_metrics_table(metrics)
+    log.info("eval: wrote %s", ", ".join(str(p) for p in [out / METRICS, *written.values()]))
+    return 0

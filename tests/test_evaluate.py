@@ -1,0 +1,182 @@
+"""Metrics against values worked out by hand, option-letter extraction, and `medlora eval` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_RECORDS, run_medlora
+from medlora.evaluate import (bleu4, char_tokens, exact_match, extract_choice, golden_choice, normalise,
+                              parse_options, per_record_rouge_l, rouge_scores, score_results)
+
+# --- character tokens, ROUGE, BLEU, exact match ---------------------------------------------------------------
+
+
+def test_char_tokens_split_characters_and_drop_space_and_punctuation():
+    assert char_tokens("肝硬化，腹水。") == ["肝", "硬", "化", "腹", "水"]
+    assert char_tokens(" CT 检查! ") == ["c", "t", "检", "查"]
+    assert char_tokens("（全角）ＡＢ") == ["全", "角", "a", "b"]
+
+
+def test_rouge_identical_and_disjoint():
+    assert rouge_scores("结核分枝杆菌。", "结核分枝杆菌。") == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert rouge_scores("心内科", "硫酸亚铁") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+
+
+def test_rouge_partial_overlap_by_hand():
+    # pred 肝硬化 (3 chars, bigrams 肝硬 硬化) vs ref 肝硬化腹水 (5 chars, bigrams 肝硬 硬化 化腹 腹水)
+    scores = rouge_scores("肝硬化", "肝硬化腹水")
+    assert scores["rouge1"] == pytest.approx(0.75)      # P=3/3, R=3/5 → 2·1·0.6/1.6
+    assert scores["rouge2"] == pytest.approx(2 / 3)     # P=2/2, R=2/4 → 2·1·0.5/1.5
+    assert scores["rougeL"] == pytest.approx(0.75)      # LCS 肝硬化 = 3
+
+
+def test_rouge_l_uses_subsequence_not_substring():
+    # pred 咽痛鼻塞 vs ref 鼻塞流涕咽痛: unigram overlap 4 → R1 = 2·(4/4)(4/6)/(4/4+4/6) = 0.8;
+    # LCS is 2 (鼻塞 or 咽痛) → P=2/4, R=2/6 → F = 2·0.5·(1/3)/(0.5+1/3) = 0.4; bigrams 咽痛, 鼻塞 match → 2/3, 2/5 → 0.5
+    scores = rouge_scores("咽痛，鼻塞", "鼻塞、流涕、咽痛")
+    assert scores["rouge1"] == pytest.approx(0.8)
+    assert scores["rougeL"] == pytest.approx(0.4)
+    assert scores["rouge2"] == pytest.approx(0.5)
+
+
+def test_exact_match_ignores_whitespace_punctuation_and_width():
+    assert normalise(" 心内科。 ") == "心内科"
+    assert exact_match("心 内 科！", "心内科。")
+    assert exact_match("ＣＴ检查", "ct检查")
+    assert not exact_match("心外科", "心内科")
+
+
+def test_bleu_identical_and_disjoint():
+    refs = ["小王可能患有肝硬化和肝癌，建议进一步检查。", "糖尿病的典型症状是多饮、多尿、多食和体重下降。"]
+    assert bleu4(refs, refs) >= 0.99
+    assert bleu4(["心内科门诊"] * 2, refs) == 0.0
+
+
+# --- multiple choice ---------------------------------------------------------------------------------------
+
+QUESTION = "肝炎双重感染最可能的并发症是？\nA. 肝癌\nB. 胆囊炎\nC. 肝硬化\nD. 胰腺炎\nE. 肾炎"
+
+
+@pytest.mark.parametrize("answer, letter", [
+    ("答案: A", "A"),
+    ("答案：B\n解析：……", "B"),
+    ("A. 肝硬化", "A"),
+    ("选B", "B"),
+    ("正确答案是C。", "C"),
+    ("(D)", "D"),
+    ("根据以上分析，故选E", "E"),
+    ("the answer is A", "A"),
+    ("Answer: (B)", "B"),
+    ("B项", "B"),
+    ("我认为是 C", "C"),
+    ("正确选项为 D", "D"),
+    ("（C）肝硬化", "C"),
+    ("应选 D。", "D"),
+    ("答案应为E", "E"),
+    ("ｃ", None),                 # lower case is not an option letter
+    ("肝硬化", "C"),               # names only the option text
+    ("最可能是肝硬化。", "C"),
+    ("维生素B12缺乏", None),       # a letter inside a word is not a choice
+    ("病原体是EB病毒", None),
+    ("the answer is a bit unclear", None),
+])
+def test_extract_choice(answer, letter):
+    assert extract_choice(answer, QUESTION) == letter
+
+
+def test_extract_choice_from_golden_option_text():
+    assert extract_choice("肝硬化", options={"C": "肝硬化"}) == "C"
+    assert extract_choice("肝硬化腹水", "选项 A.肝硬化 B.肝硬化腹水 C.肝癌") == "B"  # the longer option wins
+    assert extract_choice("肝癌或肝硬化", QUESTION) is None                           # two options named
+
+
+def test_parse_options_on_lines_and_inline():
+    assert parse_options(QUESTION)["C"] == "肝硬化"
+    assert parse_options("哪项正确 A.肝炎 B.肝硬化 C.肝癌") == {"A": "肝炎", "B": "肝硬化", "C": "肝癌"}
+    assert parse_options("维生素A缺乏的表现？") == {}
+
+
+@pytest.mark.parametrize("golden, instruction, letter", [
+    ("C", "", "C"),
+    ("(B)", "", "B"),
+    ("答案: C\n解析: 肝硬化最常见", "", "C"),
+    ("答案：D", "", "D"),
+    ("C. 肝硬化", "", "C"),
+    ("肝硬化是最常见的并发症", QUESTION, "C"),
+    ("肝硬化是最常见的并发症", "", None),
+    ("E. coli 感染", "", None),
+    ("心内科。", "", None),
+])
+def test_golden_choice(golden, instruction, letter):
+    assert golden_choice(golden, instruction) == letter
+
+
+def test_score_results_mcq_and_rates():
+    rows = [
+        {"instruction": QUESTION, "golden": "答案: C\n解析: …", "output": "正确答案是C", "tokens": 4, "seconds": 1.0,
+         "ended_by_eos": True},
+        {"instruction": "并发症？", "golden": "C. 肝硬化", "output": "肝硬化", "tokens": 2, "seconds": 0.5,
+         "ended_by_eos": True},
+        {"instruction": QUESTION, "golden": "A", "output": "故选B", "tokens": 2, "seconds": 0.5, "ended_by_eos": False},
+        {"instruction": "高血压应该去哪个科室？", "golden": "心内科。", "output": "心内科", "tokens": 2, "seconds": 0.0,
+         "ended_by_eos": True},
+    ]
+    metrics = score_results(rows)
+    assert metrics["mcq_n"] == 3 and metrics["mcq_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert metrics["n"] == 4 and metrics["exact_match"] == 0.25  # only 心内科 matches its golden exactly
+    assert metrics["eos_rate"] == 0.75
+    assert metrics["tokens_per_s"] == 5.0                          # 10 tokens / 2 s
+    assert metrics["avg_answer_chars"] == pytest.approx((6 + 3 + 3 + 3) / 4)
+    assert per_record_rouge_l(rows)[3] == 1.0
+
+
+def test_score_results_without_mcq_gives_null_accuracy():
+    metrics = score_results([{"instruction": "q", "golden": "心内科。", "output": "心内科。"}])
+    assert metrics["mcq_n"] == 0 and metrics["mcq_accuracy"] is None
+    assert metrics["rougeL"] == 1.0 and metrics["eos_rate"] is None and metrics["tokens_per_s"] is None
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model, tiny_adapter, tiny_records_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "ev"
+    proc = run_medlora("eval", "--base_model", tiny_model, "--lora_weights", str(tiny_adapter), "--data",
+                       str(tiny_records_file), "--out", str(out), "--dtype", "fp32", "--max_new_tokens", "24",
+                       "--perplexity", "--show", "1")
+    return out, proc
+
+
+def test_eval_writes_metrics_and_reports(evaluated, tiny_adapter):
+    out, proc = evaluated
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    tuned = tiny_adapter.name
+    assert list(metrics) == ["base", tuned]
+    assert metrics[tuned]["rougeL"] == 1.0 and metrics[tuned]["exact_match"] == 1.0
+    assert metrics[tuned]["rougeL"] > metrics["base"]["rougeL"]
+    assert metrics[tuned]["perplexity"] < metrics["base"]["perplexity"]
+    assert metrics[tuned]["n"] == len(TINY_RECORDS)
+    for name in ("report.html", "report.md", f"base/results.jsonl", f"{tuned}/results.jsonl"):
+        assert (out / name).is_file(), name
+    assert "###model output###" in proc.stdout and "ROUGE-L" in proc.stdout
+
+
+def test_eval_rescores_results_files_identically(evaluated, tiny_adapter, tmp_path):
+    out, _ = evaluated
+    tuned = tiny_adapter.name
+    run_medlora("eval", "--results", str(out / "base" / "results.jsonl"), f"tuned={out / tuned / 'results.jsonl'}",
+                "--out", str(tmp_path), "--show", "0")
+    first = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    again = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    for old, new in (("base", "base"), (tuned, "tuned")):
+        generated = {k: v for k, v in first[old].items() if k not in ("eval_loss", "perplexity")}
+        assert again[new] == generated
+
+
+def test_eval_refuses_duplicate_labels(tmp_path):
+    proc = run_medlora("eval", "--results", "a/results.jsonl", "b/base/results.jsonl", "--base_model", "tiny-qwen2",
+                       "--data", "x.jsonl", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "labelled base" in proc.stderr
