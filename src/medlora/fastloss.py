@@ -47,7 +47,10 @@ def supervised_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
     hook = final_norm(base).register_forward_hook(lambda module, args, output: captured.__setitem__("h", output))
     try:
         forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        model(**forward, logits_to_keep=1, use_cache=False)  # logits for one position only: negligible
+        # An empty index: the model's own LM head projects nothing. (logits_to_keep=1 would slice a non-contiguous
+        # [batch, 1, hidden] view, which matmul serves by copying the whole 262k-row head once per sequence.)
+        no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        model(**forward, logits_to_keep=no_position, use_cache=False)
     finally:
         hook.remove()
     labels = inputs["labels"]

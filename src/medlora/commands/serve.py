@@ -1,0 +1,77 @@
+"""`medlora serve`: an OpenAI-compatible HTTP API over a base model and named LoRA adapters (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from medlora.commands._common import model_args
+from medlora.config import ModelArgs, add_dataclass_args
+from medlora.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, ModelArgs, "model")
+    models = parser.add_argument_group("adapters and template")
+    models.add_argument("--lora_weights", action="append", default=[], metavar="NAME=DIR",
+                        help="an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
+    models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
+                        help="template name or JSON file for every model (default: each adapter's, else med_template)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $MEDLORA_API_KEY; unset: no key)")
+    bounds = parser.add_argument_group("bounds")
+    bounds.add_argument("--max_prompt_tokens", type=int, default=None,
+                        help="longest prompt accepted (default: 2048, or the model's context if smaller)")
+    bounds.add_argument("--max_tokens_cap", type=int, default=1024, help="largest max_tokens accepted (default: 1024)")
+    bounds.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    bounds.add_argument("--max_batch_size", type=int, default=8, help="requests generated together (default: 8)")
+    bounds.add_argument("--max_queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """`name=DIR` (or a bare DIR, named after its folder) → {name: DIR}; names must be unique."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise ConfigError(f"--lora_weights {spec!r}: expected NAME=DIR")
+        if name in adapters:
+            raise ConfigError(f"--lora_weights: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from medlora import DISCLAIMER
+    from medlora.serve.api import Engine, ServeSettings, create_app
+
+    margs = model_args(args)
+    engine = Engine.load(margs.base_model, parse_adapters(args.lora_weights), args.prompt_template, margs.dtype,
+                         margs.load_8bit, margs.load_4bit, margs.trust_remote_code, margs.allow_pickle,
+                         max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)
+    settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=max_prompt,
+                             max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)
+    if args.host not in LOOPBACK and not settings.api_key:
+        logger.warning("listening on %s without --api-key: anyone who can reach this port can use the models",
+                       args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(DISCLAIMER, flush=True)
+    print(f"[medlora] serving {', '.join(engine.model_names)} at http://{host}:{args.port}/v1 "
+          f"(docs: http://{host}:{args.port}/docs)", flush=True)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=5)
+    return 0

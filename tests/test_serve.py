@@ -1,0 +1,237 @@
+"""`medlora serve`: the real server in a subprocess, driven by the official `openai` client and by httpx.
+
+One server (tiny-qwen2 + the memorising tiny adapter as `tuned`, API key on, small bounds) serves the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+from medlora import DISCLAIMER
+from medlora.generate import template_for
+from medlora.serve.api import APIError, cut_at_stops, split_conversation, strip_pieces
+from tests.conftest import REPO, TINY_RECORDS
+
+API_KEY = "test-key-123"
+CAP = 32
+MAX_PROMPT_TOKENS = 200
+MAX_BODY = 32 * 1024
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tiny_adapter, tmp_path_factory):
+    """Base URL of a running `medlora serve`; its output is shown if it fails to start."""
+    port, log_path = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
+    command = [sys.executable, "-m", "medlora.cli", "serve", "--base_model", tiny_model, "--lora_weights",
+               f"tuned={tiny_adapter}", "--port", str(port), "--api-key", API_KEY, "--dtype", "fp32",
+               "--max_tokens_cap", str(CAP), "--max_prompt_tokens", str(MAX_PROMPT_TOKENS),
+               "--max_body_bytes", str(MAX_BODY), "--max_batch_size", "8"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc, log_path)
+        yield url, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log_path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"medlora serve exited {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"medlora serve did not come up in {seconds}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server[0]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def ask(client: OpenAI, model: str, question: str, **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          max_tokens=16, temperature=0, **kwargs)
+
+
+# --- pure helpers --------------------------------------------------------------------------------------------
+
+def test_split_conversation_puts_system_first_and_pairs_turns():
+    messages = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "头痛"},
+                {"role": "assistant", "content": "多久了？"},
+                {"role": "user", "content": [{"type": "text", "text": "三天"}]}]
+    assert split_conversation(messages) == ("三天", [("你是医生。\n\n头痛", "多久了？")])
+    assert split_conversation([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]) == ("S\n\nQ", [])
+    for bad in ([{"role": "assistant", "content": "hi"}], [{"role": "tool", "content": "x"}],
+                [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]):
+        with pytest.raises(APIError) as caught:
+            split_conversation(bad)
+        assert caught.value.status == 400
+
+
+def test_stream_helpers_add_up_to_the_stripped_text():
+    assert "".join(strip_pieces(["  ", "\nab", " ", "c  ", "\n"])) == "ab c"
+    assert cut_at_stops("answer. Q: next", ["Q:", "zz"]) == ("answer.", True)
+    assert cut_at_stops("answer", ["Q:"]) == ("answer", False)
+
+
+# --- the running server --------------------------------------------------------------------------------------
+
+def test_models_lists_base_and_adapter_and_the_disclaimer_is_printed(server, client):
+    assert {model.id for model in client.models.list()} == {"tiny-qwen2", "tuned"}
+    assert DISCLAIMER in server[1].read_text()
+
+
+def test_adapter_chosen_by_name_gives_the_memorised_answer(client, tiny_adapter):
+    record = TINY_RECORDS[0]
+    tuned = ask(client, "tuned", record["instruction"])
+    assert tuned.choices[0].message.content == record["output"]
+    assert tuned.choices[0].finish_reason == "stop" and tuned.model == "tuned"
+    assert tuned.usage.total_tokens == tuned.usage.prompt_tokens + tuned.usage.completion_tokens
+    base = ask(client, "base", record["instruction"])  # the same base with the adapter switched off
+    assert base.model == "tiny-qwen2" and base.choices[0].message.content != record["output"]
+    prompt = template_for(None, tiny_adapter).build_prompt(record["instruction"])  # as the server builds it
+    completion = client.completions.create(model="tuned", prompt=prompt, max_tokens=16, temperature=0)
+    assert completion.choices[0].text == record["output"]
+    assert completion.usage.prompt_tokens == tuned.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("model", ["tuned", "base"])
+def test_streamed_chunks_add_up_to_the_non_streamed_answer(client, model):
+    question = "头痛三天，伴有发热，应该怎么办？"
+    whole = ask(client, model, question)
+    chunks = list(ask(client, model, question, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed = client.completions.create(model=model, prompt="发热", max_tokens=8, temperature=0, stream=True)
+    plain = client.completions.create(model=model, prompt="发热", max_tokens=8, temperature=0)
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+
+
+def test_sampling_and_stop_strings(client):
+    sampled = client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "你好"}], max_tokens=8, temperature=0.8, top_p=0.9)
+    assert sampled.usage.completion_tokens <= 8
+    record = TINY_RECORDS[1]
+    cut = ask(client, "tuned", record["instruction"], stop=["科"])
+    assert cut.choices[0].message.content == record["output"].split("科")[0]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_requests_without_the_key_get_401(server):
+    url = server[0]
+    assert_openai_error(httpx.get(f"{url}/v1/models"), 401)
+    assert_openai_error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    body = {"model": "tuned", "messages": [{"role": "user", "content": "hi"}]}
+    assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=body), 401)
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def _chat(question: str = "hi", **fields) -> dict:
+    return {"model": "tuned", "messages": [{"role": "user", "content": question}], "max_tokens": 8, **fields}
+
+
+BAD_REQUESTS = {
+    "prompt too long": (_chat("发烧" * 400), 400),
+    "max_tokens over cap": (_chat(max_tokens=CAP + 1), 400),
+    "max_tokens zero": (_chat(max_tokens=0), 400),
+    "n above one": (_chat(n=2), 400),
+    "wrong types": ({"model": "tuned", "messages": "hi"}, 400),
+    "missing messages": ({"model": "tuned"}, 400),
+    "unknown model": (_chat(model="gpt-4"), 404),
+    "path traversal": (_chat(model="../../etc/passwd"), 404),
+    "adapter folder path": (_chat(model="/tmp"), 404),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_openai_errors_never_500(server, case):
+    body, status = BAD_REQUESTS[case]
+    response = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert_openai_error(response, status)
+
+
+def test_bad_bodies_get_openai_errors_and_the_server_stays_up(server, client):
+    url, headers = f"{server[0]}/v1/chat/completions", {**AUTH, "Content-Type": "application/json"}
+    assert_openai_error(httpx.post(url, content=b'{"model": "tuned", "messages": [', headers=headers), 400)
+    big = json.dumps(_chat("x" * (MAX_BODY + 10))).encode()
+    assert_openai_error(httpx.post(url, content=big, headers=headers), 413)
+    chunked = (big[i:i + 4096] for i in range(0, len(big), 4096))  # no Content-Length: counted as it arrives
+    assert_openai_error(httpx.post(url, content=chunked, headers=headers), 413)
+    with pytest.raises(NotFoundError):
+        ask(client, "no-such-model", "hi")
+    assert ask(client, "tuned", TINY_RECORDS[3]["instruction"]).choices[0].message.content == TINY_RECORDS[3]["output"]
+
+
+def test_a_dropped_stream_does_not_wedge_the_server(server, client):
+    body = _chat("头痛怎么办？", max_tokens=CAP, stream=True)
+    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body, headers=AUTH, timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    assert ask(client, "tuned", TINY_RECORDS[2]["instruction"]).choices[0].message.content == TINY_RECORDS[2]["output"]
+
+
+def test_32_requests_from_8_concurrent_clients_all_succeed_in_batches(server, client):
+    before = httpx.get(f"{server[0]}/health").json()
+
+    def one(i: int):
+        record = TINY_RECORDS[i % len(TINY_RECORDS)]
+        model = "base" if i % 8 == 7 else "tuned"
+        return model, record, ask(client, model, record["instruction"])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(32)))
+    for model, record, answer in results:  # batched with left padding, answers are those of a lone request
+        assert answer.model == ("tuned" if model == "tuned" else "tiny-qwen2")
+        if model == "tuned" and not record["input"]:
+            assert answer.choices[0].message.content == record["output"]
+    after = httpx.get(f"{server[0]}/health").json()
+    served, calls = after["served"] - before["served"], after["generate_calls"] - before["generate_calls"]
+    assert served == 32 and calls < served  # requests that arrived together shared generate calls
+    assert after["queue"] == 0
+
+
+def test_health_and_openapi_schema(server):
+    health = httpx.get(f"{server[0]}/health").json()
+    assert health["status"] == "ok" and health["models"] == ["tiny-qwen2", "tuned"]
+    schema = httpx.get(f"{server[0]}/openapi.json").json()
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health"} <= set(schema["paths"])
+    assert {"ChatCompletionRequest", "ChatCompletion", "CompletionRequest", "ErrorResponse"} <= set(
+        schema["components"]["schemas"])
+    assert httpx.get(f"{server[0]}/docs").status_code == 200
