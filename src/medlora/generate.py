@@ -39,6 +39,19 @@ def template_for(prompt_template: str | None, *folders) -> Template:
     return load_template("med_template")
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
+def end_token_ids(model, tokenizer, template: Template) -> set[int]:
+    """Token ids that end an answer: EOS from the model and tokenizer, and, with a chat template, end-of-turn."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    if template.use_chat_template:
+        vocab = tokenizer.get_vocab()
+        ids |= {vocab[token] for token in END_OF_TURN_TOKENS if token in vocab}
+    return {i for i in ids if i is not None}
+
+
 class Generator:
     """A model ready to answer: tokenizer (left padding), template, eval mode."""
 
@@ -47,9 +60,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.template = template
         self.model.eval()
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_ids = {i for i in eos | {tokenizer.eos_token_id} if i is not None}
+        self.eos_ids = end_token_ids(model, tokenizer, template)
 
     @classmethod
     def load(cls, base_model: str, lora_weights: str | None = None, prompt_template: str | None = None,
@@ -78,6 +89,9 @@ class Generator:
     def _generate_kwargs(self, gen: GenerationArgs) -> dict:
         kwargs = gen.to_generate_kwargs()
         kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
+        if self.template.stop_strings:
+            # Stop a sequence as soon as it starts a new template section: the rest would be cut anyway.
+            kwargs.update(stop_strings=self.template.stop_strings, tokenizer=self.tokenizer)
         return kwargs
 
     @torch.inference_mode()
@@ -104,7 +118,10 @@ class Generator:
         ended = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         kept = tokens if ended is None else tokens[:ended]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Answer(self.template.extract_response(text), len(kept) + (ended is not None), ended is not None, seconds)
+        # A row stopped by a stop string is padded afterwards, and pad may be EOS: that is not an EOS ending.
+        by_marker = any(marker in text for marker in self.template.stop_strings)
+        by_eos = ended is not None and not by_marker
+        return Answer(self.template.extract_response(text), len(kept) + by_eos, by_eos, seconds)
 
     def stream(self, prompt: str, gen: GenerationArgs, stop_event: threading.Event | None = None) -> Iterator[str]:
         """Text pieces of one answer as they are generated; cut at the template's stop markers.
