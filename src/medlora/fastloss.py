@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 256  # 256 x 262k fp32 logits = 256 MB at a time
 
 
 def unwrap(model):

@@ -151,9 +151,11 @@ class Generator:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from cut_at_markers(streamer, self.template.stop_strings, stop_event)
-        stop_event.set()
-        worker.join()
+        try:
+            yield from cut_at_markers(streamer, self.template.stop_strings, stop_event)
+        finally:  # also when the caller stops reading early (Ctrl-C, a closed page): finish the thread first
+            stop_event.set()
+            worker.join()
         if errors:
             raise errors[0]
 

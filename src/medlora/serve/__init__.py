@@ -3,4 +3,5 @@
 `Engine` owns the model, its adapters and a single worker thread that batches queued requests; `create_app`
 puts the OpenAI routes (`/v1/models`, `/v1/chat/completions`, `/v1/completions`), bounds and errors around it.
 `medlora serve` (see `medlora.commands.serve`) runs it with uvicorn; docs/serving.md describes the endpoints.
+`webui.py` builds the Gradio page (streaming chat, base vs tuned side by side) for `medlora webui`.
 """

@@ -114,8 +114,8 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
             history = gr.State([])
             chatbot = gr.Chatbot(label="medlora", height=380, elem_id="chatbot", feedback_options=None)
             with gr.Row():
-                question = gr.Textbox(placeholder="输入医学问题，回车发送 · type a medical question", show_label=False,
-                                      scale=6, elem_id="question")
+                question = gr.Textbox(placeholder="输入医学问题，回车发送 · type a medical question",
+                                      show_label=False, scale=6, elem_id="question")
                 send = gr.Button("发送 · send", variant="primary", scale=1, elem_id="send")
                 stop = gr.Button("停止 · stop", scale=1, elem_id="stop")
                 clear = gr.Button("清空 · clear", scale=1, elem_id="clear")
@@ -128,8 +128,8 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
 
         with gr.Tab("对比 · base vs tuned"):
             if compare:
-                compare_question = gr.Textbox(placeholder="同一问题，分别由基础模型和微调模型回答", show_label=False,
-                                              elem_id="compare-question")
+                compare_question = gr.Textbox(placeholder="同一问题，分别由基础模型和微调模型回答",
+                                              show_label=False, elem_id="compare-question")
                 compare_button = gr.Button("对比 · compare", variant="primary", elem_id="compare")
                 with gr.Row():
                     base_answer = gr.Textbox(label="基础模型 · base model", lines=8, interactive=False,

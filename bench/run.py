@@ -1,0 +1,283 @@
+"""medlora vs the reference recipe, side by side on this machine. See docs/benchmarks.md.
+
+    python bench/run.py --quick            # < 10 min: one JSON object per line
+    python bench/run.py --write docs/benchmarks.md   # the full run (medians of 3), rewrites the doc
+
+Every measurement runs in its own subprocess (clean peak RSS, no warm caches shared between the two), ours and
+the reference alternating. Workload: gemma3-270m, the first records of Huatuo's llama_data.json, micro-batch 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HUATUO = REPO.parent / "shared" / "data" / "huatuo"
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+SETTINGS = {"model": "gemma3-270m", "micro_batch_size": 4, "batch_size": 16, "learning_rate": 3e-4,
+            "cutoff_len": 256, "lora": "r=8 alpha=16 dropout=0.05 q_proj,v_proj", "max_new_tokens": 128}
+
+
+# ---------------------------------------------------------------- workers (each runs in a fresh process)
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_workload(n: int, offset: int = 0) -> list[dict]:
+    from medlora.data import load_records
+
+    return load_records(HUATUO / "llama_data.json")[offset:offset + n]
+
+
+def template():
+    from medlora.templates import load_template
+
+    return load_template(str(HUATUO / "med_template.json"))
+
+
+def worker_train(impl: str, n: int, out: str) -> dict:
+    from medlora.registry import prepare_builtin
+
+    records = load_workload(n)
+    if impl == "ref":
+        from ref_recipe import ref_train
+
+        result = ref_train(str(prepare_builtin("gemma3-270m")), records, template(), out,
+                           SETTINGS["micro_batch_size"], SETTINGS["batch_size"], SETTINGS["learning_rate"])
+        lengths = None
+    else:
+        from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs
+        from medlora.train import finetune
+
+        data_file = Path(out) / "train.jsonl"
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        res = finetune(ModelArgs(base_model="gemma3-270m"),
+                       DataArgs(data_path=str(data_file), prompt_template=str(HUATUO / "med_template.json")),
+                       LoraArgs(),
+                       TrainArgs(output_dir=out, batch_size=SETTINGS["batch_size"], num_epochs=1,
+                                 micro_batch_size=SETTINGS["micro_batch_size"], learning_rate=SETTINGS["learning_rate"],
+                                 save_steps=10**9, logging_steps=10**9, report_to="none"), echo=lambda *a: None)
+        result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens}
+    result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb())
+    return result
+
+
+def train_flops(records) -> dict:
+    """Useful model FLOPs of one LoRA epoch: forward + backward through activations (frozen weights get no weight
+    gradient, so 2x forward), with the LM head counted only where a label is supervised."""
+    from transformers import AutoConfig
+
+    from medlora.modeling import load_tokenizer
+    from medlora.registry import prepare_builtin
+    from medlora.tokenize import tokenize_records
+
+    config = AutoConfig.from_pretrained(prepare_builtin("gemma3-270m")).get_text_config()
+    examples, stats = tokenize_records(records, template(), load_tokenizer("gemma3-270m"), cutoff_len=256)
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_token = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    attention = sum(layers * 2 * len(e["input_ids"]) ** 2 * q for e in examples)  # QK^T and AV, causal half
+    forward = 2 * per_token * tokens + attention + 2 * config.vocab_size * h * stats.n_supervised_tokens
+    return {"model_flops": 2 * forward, "tokens": tokens}
+
+
+def worker_val_loss(adapter: str, n_val: int, offset: int) -> dict:
+    """Mean supervised-token loss on held-out records, fp32, the plain HF loss: same judge for both adapters."""
+    import torch
+
+    from medlora.modeling import load_adapter, load_base_model, load_tokenizer
+    from medlora.tokenize import tokenize_records
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = load_tokenizer("gemma3-270m")
+    model = load_adapter(load_base_model("gemma3-270m", dtype="fp32"), adapter).eval()
+    examples, stats = tokenize_records(load_workload(n_val, offset), template(), tokenizer, cutoff_len=256)
+    collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(examples), 8):
+            batch = collate(examples[start:start + 8])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * n
+    return {"val_loss": total / stats.n_supervised_tokens}
+
+
+def worker_infer(impl: str, n: int) -> dict:
+    import torch
+
+    records = load_workload(n, offset=1000)
+    if impl == "ref":
+        from transformers import AutoModelForCausalLM
+
+        from medlora.modeling import load_tokenizer
+        from medlora.registry import prepare_builtin
+        from ref_recipe import ref_infer
+
+        tokenizer = load_tokenizer("gemma3-270m")
+        model = AutoModelForCausalLM.from_pretrained(prepare_builtin("gemma3-270m"), dtype=torch.float32).eval()
+        answers, seconds = ref_infer(model, tokenizer, template(), records, SETTINGS["max_new_tokens"])
+    else:
+        from medlora.config import GenerationArgs
+        from medlora.generate import Generator
+
+        generator = Generator.load("gemma3-270m", prompt_template=str(HUATUO / "med_template.json"))
+        beams = 4 if impl == "ours-beam" else 1
+        gen = GenerationArgs(max_new_tokens=SETTINGS["max_new_tokens"], num_beams=beams)
+        prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in records]
+        start = time.perf_counter()
+        answers = [a.text for a in generator.generate(prompts, gen, batch_size=16 if beams == 1 else 8)]
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "answers": n, "answer_chars": sum(len(a) for a in answers),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_latency() -> dict:
+    from medlora.config import GenerationArgs
+    from medlora.generate import Generator
+
+    generator = Generator.load("gemma3-270m", prompt_template=str(HUATUO / "med_template.json"))
+    prompt = generator.build_prompt("糖尿病患者日常饮食应注意什么？")
+    gen = GenerationArgs(max_new_tokens=64)
+    list(generator.stream(prompt, GenerationArgs(max_new_tokens=4)))  # warm-up
+    start = time.perf_counter()
+    first, pieces = None, []
+    for piece in generator.stream(prompt, gen):
+        first = first or time.perf_counter() - start
+        pieces.append(piece)
+    total = time.perf_counter() - start
+    n_tokens = len(generator.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"])
+    return {"ttft_s": first, "tokens": n_tokens, "tokens_per_s": n_tokens / total}
+
+
+def worker_peak() -> dict:
+    """Measured bf16 matmul peak of this CPU (GFLOPS), all threads."""
+    import torch
+
+    size = 2048
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = max(best, 10 * 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return {"gflops": best}
+
+
+WORKERS = {"train": worker_train, "val_loss": worker_val_loss, "infer": worker_infer, "latency": worker_latency,
+           "peak": worker_peak}
+
+
+# ---------------------------------------------------------------- orchestration
+
+def run_worker(name: str, **kwargs) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise SystemExit(f"bench worker {name} {kwargs} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small workload, one run each (< 10 min)")
+    parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
+    parser.add_argument("--write", default=None, help="write the markdown report here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
+        return
+    if not (HUATUO / "llama_data.json").is_file():
+        print(f"bench skipped: {HUATUO / 'llama_data.json'} is absent (the shared Huatuo data is needed)")
+        return
+    runs = args.runs or (1 if args.quick else 3)
+    n_train, n_infer, n_ref_infer = (48, 32, 8) if args.quick else (512, 64, 16)
+    results = measure(runs, n_train, n_infer, n_ref_infer)
+    for line in summary_lines(results):
+        print(json.dumps(line))
+    if args.write:
+        from report import write_markdown
+
+        write_markdown(Path(args.write), results, summary_lines(results), SETTINGS,
+                       {"runs": runs, "n_train": n_train, "n_infer": n_infer, "n_ref_infer": n_ref_infer})
+
+
+def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int) -> dict:
+    results = {"peak": run_worker("peak"), "train": {"ours": [], "ref": []}, "val": {},
+               "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in range(runs):
+            for impl in ("ref", "ours"):
+                out = f"{scratch}/{impl}-{run}"
+                results["train"][impl].append(run_worker("train", impl=impl, n=n_train, out=out))
+                if run == 0:
+                    results["val"][impl] = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
+            results["infer"]["ref"].append(run_worker("infer", impl="ref", n=n_ref_infer))
+            results["infer"]["ours"].append(run_worker("infer", impl="ours", n=n_infer))
+            results["infer"]["ours-beam"].append(run_worker("infer", impl="ours-beam", n=n_infer))
+            results["latency"].append(run_worker("latency"))
+    results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "python": platform.python_version(), **versions()}
+    return results
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "accelerate")}
+
+
+def summary_lines(results: dict) -> list[dict]:
+    train = results["train"]
+    tps = {impl: [r["supervised_tokens"] / r["seconds"] for r in train[impl]] for impl in train}
+    rss = {impl: [r["peak_rss_mb"] for r in train[impl]] for impl in train}
+    aps = {impl: [r["answers"] / r["seconds"] for r in results["infer"][impl]] for impl in results["infer"]}
+    mfu = [r["flops"]["model_flops"] / r["seconds"] / 1e9 for r in train["ours"]]
+    med = statistics.median
+    return [
+        {"name": "train_throughput", "ours": med(tps["ours"]), "reference": med(tps["ref"]),
+         "unit": "supervised tokens/s", "ratio": med(tps["ours"]) / med(tps["ref"])},
+        {"name": "train_peak_rss", "ours": med(rss["ours"]), "reference": med(rss["ref"]), "unit": "MB",
+         "ratio": med(rss["ours"]) / med(rss["ref"])},
+        {"name": "train_val_loss", "ours": results["val"]["ours"]["val_loss"],
+         "reference": results["val"]["ref"]["val_loss"], "unit": "nats/token (fp32, held-out)",
+         "ratio": results["val"]["ours"]["val_loss"] / results["val"]["ref"]["val_loss"]},
+        {"name": "infer_batch_throughput", "ours": med(aps["ours"]), "reference": med(aps["ref"]),
+         "unit": "answers/s (greedy batched vs per-record beam 4)", "ratio": med(aps["ours"]) / med(aps["ref"])},
+        {"name": "infer_beam_batched", "ours": med(aps["ours-beam"]), "reference": med(aps["ref"]),
+         "unit": "answers/s (beam 4 batched vs per-record beam 4)", "ratio": med(aps["ours-beam"]) / med(aps["ref"])},
+        {"name": "mfu", "ours": med(mfu), "reference": results["peak"]["gflops"], "unit": "GFLOPS (model / bf16 peak)",
+         "ratio": med(mfu) / results["peak"]["gflops"]},
+        {"name": "latency_ttft", "ours": med(r["ttft_s"] for r in results["latency"]), "reference": None,
+         "unit": "s", "ratio": None},
+        {"name": "latency_stream", "ours": med(r["tokens_per_s"] for r in results["latency"]), "reference": None,
+         "unit": "tokens/s", "ratio": None},
+    ]
+
+
+if __name__ == "__main__":
+    main()
