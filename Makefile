@@ -7,7 +7,7 @@ export MEDLORA_HOME ?= $(HOME)/.cache/medlora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo train-full bench bench-quick clean
+.PHONY: venv test test-slow demo demo-retrain train-full bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,3 +41,6 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+demo-retrain: $(STAMP)
+	$(BIN)/python -m medlora.demo --retrain

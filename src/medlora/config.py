@@ -18,7 +18,7 @@ def opt(default, help: str, aliases: tuple[str, ...] = (), choices=None):
 
 @dataclass
 class ModelArgs:
-    base_model: str = opt("tiny-qwen2", "built-in name (see `medlora models`), local folder or cached hub name")
+    base_model: str = opt("gemma3-270m", "built-in name (see `medlora models`), local folder or cached hub name")
     dtype: str = opt("auto", "weights dtype: auto (bf16 where native, else fp32), bf16, fp32, fp16 (GPU only)",
                      aliases=("--torch_dtype",))
     load_8bit: bool = opt(False, "load the base model in 8-bit (bitsandbytes, CUDA only)", aliases=("--load_in_8bit",))
