@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medlora import __version__
@@ -24,7 +25,7 @@ from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import supervised_loss
 from medlora.io import atomic_write_text, replace_folder_contents
 from medlora.modeling import (MEDLORA_META, attach_lora, load_base_model, load_tokenizer, model_fingerprint,
-                              resolve_dtype, resolve_model_path)
+                              preflight_target_modules, resolve_dtype, resolve_model_path)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
 from medlora.templates import load_template
 from medlora.tokenize import TokenizeStats, tokenize_records
@@ -63,6 +64,14 @@ def gradient_accumulation(batch_size: int, micro_batch_size: int, n_processes: i
             f"{n_processes} process(es) = {per_step}"
         )
     return batch_size // per_step
+
+
+def check_sharding_options(args: TrainArgs) -> None:
+    """DeepSpeed and FSDP need CUDA (on CPU the Trainer would silently run plain DDP instead of FSDP)."""
+    if (args.deepspeed or args.fsdp) and not torch.cuda.is_available():
+        raise ConfigError("--deepspeed/--fsdp need CUDA GPUs; on CPU launch plain data parallelism without them")
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("--deepspeed needs the deepspeed package (pip install deepspeed)")
 
 
 def check_cutoff_len(base_model: str, cutoff_len: int, trust_remote_code: bool = False) -> None:
@@ -127,6 +136,7 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: boo
         deepspeed=args.deepspeed or None,
         fsdp=args.fsdp or "",
         disable_tqdm=not is_main_process(),
+        log_level_replica="error",  # only rank 0 speaks (Trainer lets the other ranks warn by default)
     )
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)
     trainer_cls = SupervisedLossTrainer if args.fast_loss else Trainer
@@ -143,7 +153,10 @@ class SupervisedLossTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_sum, n_tokens = supervised_loss(model, inputs)
+        # Under bf16 autocast the LoRA matmuls run in bf16 anyway: PEFT's cast of every LoRA input to the fp32
+        # adapter dtype would only add two copies of each activation per LoRA layer.
+        with disable_input_dtype_casting(model, active=self.args.bf16):
+            loss_sum, n_tokens = supervised_loss(model, inputs)
         if num_items_in_batch is None:
             loss = loss_sum / max(n_tokens, 1) / self.current_gradient_accumulation_steps
         else:
@@ -173,6 +186,12 @@ class LossLogCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run logs the steps after its checkpoint again, and a fresh run starts over: drop those rows
+        if state.is_world_process_zero and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in lines if _row_step(line) <= state.global_step))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -184,6 +203,13 @@ class LossLogCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a killed run
+        return math.inf
 
 
 def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, template, model) -> dict:
@@ -199,14 +225,15 @@ def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args
     }
 
 
-def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bool = False) -> Path:
+def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bool = False,
+                 state_dict: dict | None = None) -> Path:
     """Write adapter + tokenizer + medlora.json so that a reader sees the old adapter, the new one, or none."""
     import tempfile
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if save_bin:
             from safetensors.torch import load_file
 
@@ -222,8 +249,11 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     """Train a LoRA adapter and save it in `args.output_dir`."""
     set_seed(args.seed)
     check_cutoff_len(model_args.base_model, data.cutoff_len, model_args.trust_remote_code)
+    preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code)
     gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
-    resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, echo)
+    check_sharding_options(args)
+    resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,
+                                    echo if is_main_process() else (lambda *_: None))
 
     tokenizer = load_tokenizer(model_args.base_model, padding_side="right", trust_remote_code=model_args.trust_remote_code)
     template, train_ds, val_ds, stats = prepare_datasets(data, tokenizer, args.seed)
@@ -256,11 +286,14 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     if stopper.stopped:
         return TrainResult(args.output_dir, train_losses[-1] if train_losses else None, None, wall, supervised,
                            supervised / wall if wall else 0.0, stats, interrupted=True, log_history=history)
+    # ZeRO-3/FSDP shard the weights: gather them on rank 0 as Trainer does (a collective every rank joins)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model_wrapped)} if sharded else {}
     if trainer.is_world_process_zero():
         meta = adapter_metadata(model_args, data, lora, args, template, model)
         meta["result"] = {"train_loss": train_losses[-1] if train_losses else None,
                           "eval_loss": eval_losses[-1] if eval_losses else None, "wall_seconds": round(wall, 2)}
-        save_adapter(model, tokenizer, args.output_dir, meta, save_bin=args.save_bin)
+        save_adapter(model, tokenizer, args.output_dir, meta, save_bin=args.save_bin, **gathered)
     return TrainResult(args.output_dir, train_losses[-1] if train_losses else None,
                        eval_losses[-1] if eval_losses else None, wall, supervised,
                        supervised / wall if wall else 0.0, stats, log_history=history)

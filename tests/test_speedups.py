@@ -1,0 +1,73 @@
+"""Each speed-up keeps the results: same loss, same gradients, same greedy answers as the plain path."""
+
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+from medlora.config import GenerationArgs
+from medlora.fastloss import supervised_loss
+from medlora.generate import Generator
+from medlora.modeling import attach_lora, load_adapter, load_base_model, load_tokenizer
+from medlora.templates import load_template
+from medlora.tokenize import tokenize_records
+from conftest import TINY_RECORDS
+
+
+def lora_batch(tiny_model):
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model)
+    examples, _ = tokenize_records(TINY_RECORDS, load_template("med_template"), tokenizer)
+    batch = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)(examples)
+    model = attach_lora(load_base_model(tiny_model, dtype="fp32"), 8, 16, 0.0, "all-linear")
+    for name, param in model.named_parameters():  # non-zero B so that LoRA matters for the gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model, batch
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_supervised_only_loss_equals_plain_loss_and_gradients(tiny_model):
+    model, batch = lora_batch(tiny_model)
+    plain = model(**batch).loss
+    plain.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    loss_sum, n_tokens = supervised_loss(model, batch)
+    (loss_sum / n_tokens).backward()
+    assert n_tokens == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(loss_sum / n_tokens, plain, rtol=1e-5)
+    for name, grad in lora_grads(model).items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_supervised_loss_in_chunks_is_the_same(tiny_model, monkeypatch):
+    import medlora.fastloss
+
+    model, batch = lora_batch(tiny_model)
+    whole, n = supervised_loss(model, batch)
+    monkeypatch.setattr(medlora.fastloss, "CHUNK_ROWS", 7)
+    chunked, n_chunked = supervised_loss(model, batch)
+    assert n == n_chunked and torch.allclose(whole, chunked, rtol=1e-5)
+
+
+def test_bf16_autocast_without_input_casting_matches_within_bf16_noise(tiny_model):
+    from peft.helpers import disable_input_dtype_casting
+
+    model, batch = lora_batch(tiny_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, n = supervised_loss(model, batch)
+        with disable_input_dtype_casting(model):
+            uncast, _ = supervised_loss(model, batch)
+    assert torch.allclose(cast / n, uncast / n, rtol=2e-2)
+
+
+def test_batched_merged_greedy_answers_equal_one_by_one_unmerged(tiny_model, tiny_adapter):
+    gen = GenerationArgs(max_new_tokens=24)
+    merged = Generator.load(tiny_model, str(tiny_adapter), dtype="fp32", merge=True)
+    unmerged = Generator.load(tiny_model, str(tiny_adapter), dtype="fp32", merge=False)
+    prompts = [merged.build_prompt(r["instruction"], r["input"]) for r in TINY_RECORDS]
+    batched = [a.text for a in merged.generate(prompts, gen, batch_size=4)]
+    single = [unmerged.generate([p], gen, batch_size=1)[0].text for p in prompts]
+    assert batched == single == [r["output"] for r in TINY_RECORDS]
