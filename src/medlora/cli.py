@@ -31,7 +31,9 @@ EXIT_TRAINING_ERROR = 1
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medlora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medlora", description="LoRA fine-tuning of small open LLMs into a Chinese medical assistant. "
+        "Research use only; not medical advice.")
     parser.add_argument("--version", action="version", version=f"medlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():

@@ -8,8 +8,10 @@ a bad one raises `DataError` naming the file, the line or record number and the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from medlora.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 FIELDS = ("instruction", "input", "output")
+NEWLINE = b"\n"
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # csv's default is 128 KiB per field; a long answer is still a record
 
 
 def parse_columns(spec: str | dict | None) -> dict[str, str]:
@@ -66,24 +70,27 @@ def _iter_file(path: Path, require_output: bool, mapping: dict) -> Iterator[dict
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty (0 bytes)")
-    if suffix == ".parquet":
-        rows = _read_parquet(path)
-    elif suffix == ".csv":
-        rows = _read_csv(path)
-    elif suffix == ".json" and _first_char(path) == "[":
-        rows = _read_json_array(path)
-    else:
-        rows = _read_jsonl(path)
-    for where, row in rows:
-        yield validate_record(row, f"{path}: {where}", require_output, mapping)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty (0 bytes)")
+        if suffix == ".parquet":
+            rows = _read_parquet(path)
+        elif suffix == ".csv":
+            rows = _read_csv(path)
+        elif suffix == ".json" and _first_char(path) == "[":
+            rows = _read_json_array(path)
+        else:
+            rows = _read_jsonl(path)
+        for where, row in rows:
+            yield validate_record(row, f"{path}: {where}", require_output, mapping)
+    except OSError as exc:  # unreadable (permissions, a vanished network mount): still the user's to fix
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
 def validate_record(row, where: str, require_output: bool = True, mapping: dict | None = None) -> dict:
     """Check one raw record and return it normalised; `where` says where it came from, for the message."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: a record must be a JSON object, got {'null' if row is None else type(row).__name__}")
     if mapping:
         row = {mapping.get(key, key): value for key, value in row.items()}
     record = {}
@@ -97,26 +104,68 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
             value = ""
         if not isinstance(value, str):
             raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+        if not value.isascii():
+            _check_encodable(value, f"{where}: field '{name}'")
         if name != "input" and not optional and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         record[name] = value
     return record
 
 
-def _decode(raw: bytes, path: Path, where: str) -> str:
+def _check_encodable(value: str, where: str) -> None:
+    """Refuse lone surrogates (a JSON `\\ud800` escape without its pair): not text, and tokenizers crash on them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: unpaired surrogate {value[exc.start]!r} at character {exc.start + 1} "
+                        f"(a broken \\u escape; not valid text)") from None
+
+
+def _decode(raw: bytes, path: Path, where: str | None = None) -> str:
+    """UTF-8 text, or a DataError saying where it breaks and what the bytes look like; `where` defaults to the line."""
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    where = where or f"line {raw.count(NEWLINE, 0, bad) + 1}"
+    target = f"'{path.with_suffix('.utf8' + path.suffix)}'"
+    replaced = raw.decode("utf-8", errors="replace")
+    n_bad = replaced.count("\ufffd")
+    n_non_ascii = len(replaced) - len(replaced.encode("ascii", "ignore"))
+    if n_non_ascii - n_bad > n_bad:  # mostly good UTF-8 around a broken spot
+        raise DataError(f"{path}: {where}: not valid UTF-8 (a broken character in UTF-8 text: the file is damaged "
+                        f"or was cut off there)")
     try:
         raw.decode("gb18030")
-        hint = "it looks GBK/GB18030-encoded"
     except UnicodeDecodeError:
-        hint = "its encoding is unknown"
-    raise DataError(
-        f"{path}: {where}: not valid UTF-8 ({hint}); convert it with: "
-        f"iconv -f GB18030 -t UTF-8 '{path}' > '{path.with_suffix('.utf8' + path.suffix)}'"
-    )
+        raise DataError(f"{path}: {where}: not valid UTF-8 (its encoding is unknown); convert it to UTF-8, e.g. with: "
+                        f"iconv -f ENCODING -t UTF-8 '{path}' > {target}") from None
+    raise DataError(f"{path}: {where}: not valid UTF-8 (it looks GBK/GB18030-encoded); convert it with: "
+                    f"iconv -f GB18030 -t UTF-8 '{path}' > {target}")
+
+
+def _invalid_json(path: Path, exc: Exception, line: int | None = None) -> DataError:
+    """A DataError for text that json.loads refused; `line` is the JSONL line, else it is found from the error."""
+    if isinstance(exc, RecursionError):
+        return DataError(f"{path}: {f'line {line}: ' if line else ''}invalid JSON (nested too deeply to read)")
+    if not isinstance(exc, json.JSONDecodeError):  # ValueError: an integer of thousands of digits
+        return DataError(f"{path}: {f'line {line}: ' if line else ''}invalid JSON ({str(exc).split(':')[0]})")
+    doc, pos = exc.doc, exc.pos
+    window = doc[max(0, pos - 4096):pos]
+    if doc[pos:pos + 1] in ("]", "}") and window.rstrip().endswith(","):
+        pos -= len(window) - len(window.rstrip()) + 1  # point at the comma
+        what = "trailing comma at column {column}; JSON allows none before '" + doc[exc.pos] + "'"
+    elif exc.msg == "Extra data":
+        what = ("Extra data at column {column}: a second JSON value after the first; use one JSON array, or one "
+                "JSON object per line")
+    elif doc.strip() in ("{", "["):
+        what = (exc.msg + " at column {column}: a record spread over several lines; JSONL needs one whole object "
+                "per line (or write one JSON array)")
+    else:
+        what = exc.msg + " at column {column}"
+    line = line or doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)
+    return DataError(f"{path}: line {line}: invalid JSON ({what.format(column=column)})")
 
 
 def _first_char(path: Path) -> str:
@@ -133,17 +182,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                raise _invalid_json(path, exc, lineno) from None
             yield f"line {lineno}", row
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
-    text = _decode(path.read_bytes(), path, "file").lstrip("\ufeff")
+    text = _decode(path.read_bytes(), path).lstrip("\ufeff")
     try:
         rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise _invalid_json(path, exc) from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of records or one JSON object per line")
     for index, row in enumerate(rows, start=1):
@@ -151,10 +200,27 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
-    text = _decode(path.read_bytes(), path, "file").lstrip("\ufeff")
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    for row in reader:
-        yield f"line {reader.line_num}", {key.strip(): value for key, value in row.items() if key is not None}
+    """Rows as {header: value}; a row with more or fewer values than the header has columns is an error."""
+    text = _decode(path.read_bytes(), path).lstrip("\ufeff")
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    # newline="": only \r and \n end a CSV line (str.splitlines would also split at \u2028, \x1c, ... inside values)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        repeated = sorted({name for name in header if name and header.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}: line 1: column {', '.join(map(repr, repeated))} appears more than once")
+        line = reader.line_num + 1
+        for cells in reader:
+            where, line = f"line {line}", reader.line_num + 1
+            if not cells:  # a blank line is not a record
+                continue
+            if len(cells) != len(header):
+                raise DataError(f"{path}: {where}: {len(cells)} values for {len(header)} columns "
+                                f"({', '.join(header)}); quote values that contain commas or line breaks")
+            yield where, dict(zip(header, cells))
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:

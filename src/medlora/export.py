@@ -23,7 +23,7 @@ from medlora.errors import ModelError
 from medlora.generate import template_for
 from medlora.io import atomic_write_text
 from medlora.modeling import (MEDLORA_META, default_device, load_adapter, load_base_model, load_tokenizer,
-                              resolve_dtype, resolve_model_path)
+                              preflight_adapter, resolve_dtype, resolve_model_path)
 
 # Largest max-abs logit difference accepted between the saved merged model and base + adapter. Both are run in
 # float64 for the check, so it measures what merging changed (the rounding of W + BA to the saved dtype), not the
@@ -67,6 +67,7 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     dtype = _merge_dtype(dtype)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, base_model, adapter_dir)
+    preflight_adapter(adapter_dir, base_model, allow_pickle, trust_remote_code)  # before loading any weights
 
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
     template = template_for(None, adapter_dir)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from medlora.config import GenerationArgs
-from medlora.modeling import MEDLORA_META, load_adapter, load_base_model, load_tokenizer, read_adapter_meta
+from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_tokenizer, preflight_adapter,
+                              read_adapter_meta)
 from medlora.templates import Template, load_template
 
 
@@ -66,6 +67,8 @@ class Generator:
     def load(cls, base_model: str, lora_weights: str | None = None, prompt_template: str | None = None,
              dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
              allow_pickle: bool = False, merge: bool = True) -> "Generator":
+        if lora_weights:  # a bad adapter is refused before the base's weights are loaded
+            preflight_adapter(lora_weights, base_model, allow_pickle, trust_remote_code)
         tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
         template = template_for(prompt_template, lora_weights, base_model)
         model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
 MEDLORA_META = "medlora.json"
+_WARNED_RANDOM: set[str] = set()
 
 
 @lru_cache(maxsize=1)
@@ -57,6 +58,9 @@ def resolve_model_path(name_or_path: str) -> str:
     from medlora.registry import BUILTIN_MODELS, prepare_builtin
 
     if name_or_path in BUILTIN_MODELS:
+        if BUILTIN_MODELS[name_or_path].random_weights and name_or_path not in _WARNED_RANDOM:
+            _WARNED_RANDOM.add(name_or_path)
+            logger.warning("%s has random weights: it checks the pipeline, it knows no medicine", name_or_path)
         return str(prepare_builtin(name_or_path))
     return name_or_path
 
@@ -234,9 +238,43 @@ def _safetensors_data_end(path: Path) -> int:
 
 def check_adapter_base(adapter_dir: str | Path, model) -> None:
     """Refuse an adapter trained on a different base, naming both."""
+    _check_fingerprint(adapter_dir, model_fingerprint(model.config))
+
+
+def _base_config(base_model: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(base_model)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **_hub_kwargs(path))
+    except (OSError, ValueError) as exc:
+        raise _not_found(base_model, exc) from None
+
+
+def preflight_adapter(adapter_dir: str | Path, base_model: str, allow_pickle: bool = False,
+                      trust_remote_code: bool = False) -> Path:
+    """The adapter checks that need no weights (folder, files, base config): run them before loading the base."""
+    path = check_adapter_dir(adapter_dir, allow_pickle)
+    _check_fingerprint(path, model_fingerprint(_base_config(base_model, trust_remote_code)))
+    return path
+
+
+def preflight_target_modules(base_model: str, target_modules, trust_remote_code: bool = False) -> None:
+    """check_target_modules on a weightless (meta-device) copy of the base, before data and weights are loaded."""
+    from transformers import AutoModelForCausalLM
+
+    config = _base_config(base_model, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture that cannot be built this way: attach_lora checks it after loading
+        return
+    check_target_modules(skeleton, parse_target_modules(target_modules))
+
+
+def _check_fingerprint(adapter_dir: str | Path, current: dict) -> None:
     meta = read_adapter_meta(adapter_dir)
     trained_on = meta.get("base_fingerprint")
-    current = model_fingerprint(model.config)
     if trained_on and trained_on != current:
         diff = ", ".join(f"{k}: {trained_on.get(k)} vs {current.get(k)}" for k in current if trained_on.get(k) != current[k])
         raise ModelError(
@@ -257,4 +295,6 @@ def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False, ada
             return model
         return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: this adapter does not fit the base model: {str(exc).splitlines()[0][:300]}") from None
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])  # the first, not a header
+        raise ModelError(f"{path}: this adapter does not fit the base model: {detail[:300]}") from None

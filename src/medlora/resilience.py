@@ -24,7 +24,14 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved, resu
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks each checkpoint complete once Trainer has written all of it."""
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # a resumed run may write this step's checkpoint again: its old marker must not vouch for mixed files
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE_MARKER).unlink(missing_ok=True)
+        return control
+
     def on_save(self, args, state, control, **kwargs):
+        _any_rank(False, args.device)  # a barrier: every rank has written its rng_state_<rank>.pth
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
@@ -40,7 +47,7 @@ class GracefulStopCallback(TrainerCallback):
         self.stopped = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested is not None:
+        if _any_rank(self.requested is not None, args.device):  # all ranks stop (and save) at the same step
             control.should_save = True
             control.should_training_stop = True
             self.stopped = True
@@ -64,6 +71,18 @@ class GracefulStopCallback(TrainerCallback):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """`flag` OR-ed over all processes (a collective: every rank calls it at the same point)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def checkpoint_step(path: Path) -> int:

@@ -94,12 +94,12 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     from medlora.commands.infer import answer_records
     from medlora.evaluate import perplexity
     from medlora.generate import Generator, template_for
-    from medlora.modeling import check_adapter_dir, load_adapter
+    from medlora.modeling import load_adapter, preflight_adapter
 
     margs, gen = model_args(args), generation_args(args)
     adapter_dirs = [path for _, path in models if path]
     for path in adapter_dirs:  # refuse a bad adapter before spending time on the base model
-        check_adapter_dir(path, margs.allow_pickle)
+        preflight_adapter(path, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
     base = Generator.load(margs.base_model, None, None, margs.dtype, margs.load_8bit, margs.load_4bit,
                           margs.trust_remote_code)
     model, rows_by_label, extra = base.model, {}, {}

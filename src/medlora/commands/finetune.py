@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 from medlora.config import (DataArgs, LoraArgs, ModelArgs, TrainArgs, add_dataclass_args, build_dataclass,
-                            known_option_names)
+                            known_option_names, str2bool)
 from medlora.errors import ConfigError
 
 OPTION_CLASSES = (ModelArgs, DataArgs, LoraArgs, TrainArgs)
@@ -35,7 +36,22 @@ def load_recipe(path: str) -> dict:
     for key in values:
         if key not in known:
             raise ConfigError(f"{path}: unknown option {key!r} (known: see `medlora finetune --help`)")
-    return values
+    kinds = {f.name: type(f.default) for cls in OPTION_CLASSES for f in fields(cls)}
+    return {key: _as_option_type(path, key, value, kinds[key]) for key, value in values.items()}
+
+
+def _as_option_type(path: str, key: str, value, kind: type):
+    """Convert as the command line would: YAML reads `3e-4` as a string, and an empty value as null."""
+    if value is None and kind is str:
+        return ""
+    if isinstance(value, (dict, list)) or value is None or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}")
+    try:
+        if kind is bool:
+            return str2bool(str(value))
+        return kind(str(value)) if kind is int else kind(value)  # int("8.5") fails where int(8.5) truncates
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}") from None
 
 
 def resolve_options(args: argparse.Namespace) -> dict:

@@ -145,10 +145,12 @@ class Engine:
              dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
              allow_pickle: bool = False, **engine_kwargs) -> "Engine":
         """Load the base once and put every adapter on it as a named PeftModel adapter."""
-        from medlora.modeling import load_adapter, load_base_model, load_tokenizer
+        from medlora.modeling import load_adapter, load_base_model, load_tokenizer, preflight_adapter
 
         adapters = dict(adapters or {})
         check_model_names(base_model, adapters)
+        for path in adapters.values():  # a bad adapter is refused before the base's weights are loaded
+            preflight_adapter(path, base_model, allow_pickle, trust_remote_code)
         tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
         text_tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
         templates = {base_model: template_for(prompt_template, base_model)}
