@@ -1,0 +1,121 @@
+"""Recipes: `--config recipe.yaml` with defaults < recipe < flags, unknown keys named, shipped recipes valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medlora.cli import build_parser, main
+from medlora.commands.finetune import build_options, load_recipe, resolve_options
+from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs
+from medlora.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def options(*argv: str):
+    args = build_parser(only="finetune").parse_args(["finetune", *argv])
+    return build_options(resolve_options(args))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_recipes_are_the_expected_ones():
+    names = {p.name for p in RECIPES}
+    assert {"tiny-qwen2.yaml", "gemma3-270m-demo.yaml", "gemma3-270m-full.yaml", "qwen2-0.5b-gpu.yaml",
+            "qwen1.5-0.5b-gpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses_and_validates(recipe):
+    values = load_recipe(str(recipe))
+    model, data, lora, train = build_options(values)
+    assert isinstance(train.learning_rate, float) and 0 < train.learning_rate < 1
+    assert train.batch_size % train.micro_batch_size == 0
+    assert train.max_steps > 0 or train.num_epochs > 0
+    assert train.output_dir.startswith("runs/")
+    assert data.data_path == "data/medqa/train.jsonl"
+    assert lora.lora_r > 0 and lora.lora_alpha > 0
+    # through the command line too, as `medlora finetune --config RECIPE` reads it
+    assert options("--config", str(recipe)) == (model, data, lora, train)
+
+
+def test_demo_and_gpu_recipes_carry_their_settings():
+    demo = build_options(load_recipe(str(REPO / "recipes/gemma3-270m-demo.yaml")))
+    assert (demo[0].base_model, demo[3].output_dir) == ("gemma3-270m", "runs/demo/adapter")
+    assert build_options(load_recipe(str(REPO / "recipes/gemma3-270m-full.yaml")))[3].output_dir == "runs/full/adapter"
+    for name, base in (("qwen2-0.5b-gpu", "Qwen/Qwen2-0.5B"), ("qwen1.5-0.5b-gpu", "Qwen/Qwen1.5-0.5B")):
+        model, data, lora, train = build_options(load_recipe(str(REPO / f"recipes/{name}.yaml")))
+        assert (model.base_model, model.dtype) == (base, "bf16")
+        assert (train.batch_size, train.num_epochs, train.learning_rate, data.cutoff_len) == (128, 3.0, 3e-4, 256)
+        assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules) == (8, 16, 0.05, "q_proj,v_proj")
+
+
+def test_defaults_then_recipe_then_flags(tmp_path):
+    recipe = write(tmp_path, "lora_r: 32\nlearning_rate: 1.0e-3\nnum_epochs: 2\ngroup_by_length: false\n")
+    model, data, lora, train = options("--config", str(recipe), "--learning_rate", "5e-4", "--group_by_length")
+    assert train.learning_rate == 5e-4  # flag over recipe
+    assert train.group_by_length is True  # bare boolean flag over recipe's false
+    assert lora.lora_r == 32 and train.num_epochs == 2.0  # recipe over defaults
+    assert lora.lora_alpha == LoraArgs().lora_alpha and model == ModelArgs() and data == DataArgs()  # defaults
+    assert options()[3] == TrainArgs()
+
+
+def test_flag_equal_to_the_default_still_overrides_the_recipe(tmp_path):
+    recipe = write(tmp_path, "lora_r: 32\n")
+    assert options("--config", str(recipe), "--lora_r", str(LoraArgs().lora_r))[2].lora_r == LoraArgs().lora_r
+
+
+def test_seed_alias_flags_override_the_recipe(tmp_path):
+    recipe = write(tmp_path, "dtype: fp32\n")
+    assert options("--config", str(recipe), "--torch_dtype", "bf16")[0].dtype == "bf16"
+
+
+def test_yaml_numbers_are_read_as_the_command_line_reads_them(tmp_path):
+    # YAML 1.1 (PyYAML) reads `3e-4` as a string; the option is a float whatever the spelling
+    recipe = write(tmp_path, "learning_rate: 3e-4\nwarmup_steps: 10\nval_set_size: 500\nfsdp:\nlora_r: '16'\n")
+    values = load_recipe(str(recipe))
+    assert values == {"learning_rate": 3e-4, "warmup_steps": 10.0, "val_set_size": 500.0, "fsdp": "", "lora_r": 16}
+    assert isinstance(values["learning_rate"], float)
+
+
+def test_unknown_key_is_named(tmp_path):
+    recipe = write(tmp_path, "lora_r: 8\nlora_rank: 16\n")
+    with pytest.raises(ConfigError, match="unknown option 'lora_rank'"):
+        load_recipe(str(recipe))
+
+
+def test_unknown_key_is_one_line_from_the_cli(tmp_path, capsys):
+    recipe = write(tmp_path, "micro_batchsize: 4\n")
+    assert main(["finetune", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'micro_batchsize'" in err and str(recipe) in err
+
+
+@pytest.mark.parametrize("text, key", [("lora_r: eight\n", "lora_r"), ("lora_r: 8.5\n", "lora_r"),
+                                       ("fast_loss: maybe\n", "fast_loss"), ("num_epochs: [1, 2]\n", "num_epochs"),
+                                       ("max_steps: true\n", "max_steps"), ("learning_rate:\n", "learning_rate")])
+def test_wrongly_typed_value_is_named(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=f"option '{key}' must be"):
+        load_recipe(str(write(tmp_path, text)))
+
+
+@pytest.mark.parametrize("text, message", [("- lora_r: 8\n", "must be a mapping"), ("lora_r: [8\n", "not valid YAML")])
+def test_malformed_recipe(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(str(write(tmp_path, text)))
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_recipe(str(tmp_path / "absent.yaml"))
+
+
+def test_empty_recipe_means_defaults(tmp_path):
+    assert load_recipe(str(write(tmp_path, "# nothing yet\n"))) == {}
