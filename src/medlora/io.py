@@ -24,7 +24,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -54,11 +54,11 @@ def replace_folder_contents(staging: Path, dest: Path, last: str) -> None:
         marker.unlink()
     names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != last)
     for name in [*names, last]:
-        os.chmod(staging / name, 0o666 & ~_umask())
+        os.chmod(staging / name, 0o666 & ~current_umask())
         os.replace(staging / name, dest / name)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

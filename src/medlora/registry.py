@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medlora.errors import ModelError
-from medlora.io import manifest_ok, write_manifest
+from medlora.io import current_umask, manifest_ok, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,14 @@ def prepare_builtin(name: str, registry: dict[str, BuiltinModel] | None = None) 
         if final.exists():
             say(f"{final} is incomplete or corrupted: rebuilding it")
             shutil.rmtree(final)
+        for leftover in final.parent.glob(f".{name}.*"):  # staging of a killed build (we hold the lock)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
         say(f"preparing built-in model {name!r} into {final}" + (" (random weights)" if spec.random_weights else ""))
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
         try:
             spec.build(staging)
+            staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700: a shared cache must stay readable
             write_manifest(staging, READY_MARKER, name=spec.name, source=spec.source,
                            random_weights=spec.random_weights)
             os.replace(staging, final)
