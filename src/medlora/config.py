@@ -35,6 +35,7 @@ class DataArgs:
     columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答")
     cutoff_len: int = opt(256, "maximum tokens per example (prompt + answer + EOS); longer ones are truncated")
     val_set_size: float = opt(0.0, "held-out validation records: a count, or a fraction when below 1")
+    val_data_path: str = opt("", "a separate validation file (instead of holding records out of --data_path)")
     train_on_inputs: bool = opt(False, "also train on the prompt tokens (default: prompt labels are masked)")
     add_eos_token: bool = opt(True, "append EOS to every answer so the model learns to stop")
 

@@ -91,6 +91,8 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int):
     template = load_template(data.prompt_template)
     records = load_records(data.data_path, columns=data.columns or None)
     train_records, val_records = split_records(records, data.val_set_size, seed) if data.val_set_size else (records, [])
+    if data.val_data_path:
+        val_records = load_records(data.val_data_path, columns=data.columns or None)
     tokenize = dict(template=template, tokenizer=tokenizer, cutoff_len=data.cutoff_len,
                     train_on_inputs=data.train_on_inputs, add_eos_token=data.add_eos_token)
     train_examples, stats = tokenize_records(train_records, **tokenize)
