@@ -90,30 +90,29 @@ def read_results(path: str, limit: int) -> list[dict]:
 
 
 def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tuple[dict, dict]:
-    """Answer `records` with the base model, then with each adapter put on that same loaded base."""
+    """Answer `records` with the base model, then with each adapter merged into a fresh copy of the base (merged
+    weights generate faster than an adapter on the side; the base loads in seconds)."""
     from medlora.commands.infer import answer_records
     from medlora.evaluate import perplexity
     from medlora.generate import Generator, template_for
-    from medlora.modeling import load_adapter, preflight_adapter
+    from medlora.modeling import preflight_adapter
 
     margs, gen = model_args(args), generation_args(args)
     adapter_dirs = [path for _, path in models if path]
     for path in adapter_dirs:  # refuse a bad adapter before spending time on the base model
         preflight_adapter(path, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
-    base = Generator.load(margs.base_model, None, None, margs.dtype, margs.load_8bit, margs.load_4bit,
-                          margs.trust_remote_code)
-    model, rows_by_label, extra = base.model, {}, {}
-    for index, (label, adapter) in enumerate(models):
+    rows_by_label, extra = {}, {}
+    for label, adapter in models:
         log.info("eval: answering %d records with %s", len(records), label)
+        # Every model gets the same template: the base uses the adapters' so that the comparison is fair.
         template = template_for(args.prompt_template, *([adapter] if adapter else adapter_dirs), margs.base_model)
-        if adapter:
-            name = f"adapter{index}"  # PEFT module keys; a label may hold characters they cannot
-            model = load_adapter(model, adapter, allow_pickle=margs.allow_pickle, adapter_name=name)
-            model.set_adapter(name)
-        generator = Generator(model, base.tokenizer, template)
+        loaded = Generator.load(margs.base_model, adapter or None, None, margs.dtype, margs.load_8bit,
+                                margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=True)
+        generator = Generator(loaded.model, loaded.tokenizer, template)
         rows_by_label[label] = answer_records(generator, records, gen, args.batch_size)
         if args.perplexity:
             extra[label] = perplexity(generator, None, None, records, batch_size=args.batch_size)
+        del loaded, generator
     return rows_by_label, extra
 
 
