@@ -26,6 +26,7 @@ COMMANDS = {
     "models": "list the built-in base models",
     "data": "build the built-in Chinese medical instruction data from the knowledge base",
 }
+MODEL_COMMANDS = ("finetune", "infer", "eval", "chat", "merge", "serve", "webui")
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_ERROR = 1
 
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        if args.command in MODEL_COMMANDS:
+            from medlora.modeling import configure_threads
+
+            configure_threads()
         return args.run(args) or 0
     except TrainingError as exc:
         print(f"medlora {args.command}: error: {exc}", file=sys.stderr)
