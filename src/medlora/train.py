@@ -276,12 +276,13 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
 
     start = time.perf_counter()
     with stopper.installed():
-        output = trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    if val_ds is not None and not stopper.stopped:
+    evaluated_last_step = any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in history)
+    if val_ds is not None and not stopper.stopped and not evaluated_last_step:
         eval_losses.append(trainer.evaluate()["eval_loss"])
     supervised = _supervised_tokens_trained(train_ds, trainer.state.epoch or 0, resume_epoch(resume))
 
