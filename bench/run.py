@@ -215,7 +215,7 @@ def main() -> None:
         print(f"bench skipped: {HUATUO / 'llama_data.json'} is absent (the shared Huatuo data is needed)")
         return
     runs = args.runs or (1 if args.quick else 3)
-    n_train, n_infer, n_ref_infer = (48, 32, 8) if args.quick else (512, 64, 16)
+    n_train, n_infer, n_ref_infer = (32, 16, 4) if args.quick else (512, 64, 16)
     results = measure(runs, n_train, n_infer, n_ref_infer)
     for line in summary_lines(results):
         print(json.dumps(line))
