@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import random
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from medlora.errors import DataError
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 FIELDS = ("instruction", "input", "output")
 NEWLINE = b"\n"
+CJK = re.compile("[\u3000-\u9fff\uff00-\uffef]")
 CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # csv's default is 128 KiB per field; a long answer is still a record
 
 
@@ -131,8 +133,10 @@ def _decode(raw: bytes, path: Path, where: str | None = None) -> str:
     target = f"'{path.with_suffix('.utf8' + path.suffix)}'"
     replaced = raw.decode("utf-8", errors="replace")
     n_bad = replaced.count("\ufffd")
-    n_non_ascii = len(replaced) - len(replaced.encode("ascii", "ignore"))
-    if n_non_ascii - n_bad > n_bad:  # mostly good UTF-8 around a broken spot
+    # Chinese UTF-8 text with a broken spot decodes to many CJK characters around few bad bytes; GBK bytes read
+    # as UTF-8 give mostly bad bytes and hardly any CJK
+    n_cjk = len(CJK.findall(replaced))
+    if n_cjk >= 2 and n_cjk >= 2 * n_bad:
         raise DataError(f"{path}: {where}: not valid UTF-8 (a broken character in UTF-8 text: the file is damaged "
                         f"or was cut off there)")
     try:

@@ -21,7 +21,7 @@ import torch
 from medlora import __version__
 from medlora.errors import ModelError
 from medlora.generate import template_for
-from medlora.io import atomic_write_text
+from medlora.io import atomic_write_text, remove_stale_staging, staging_prefix
 from medlora.modeling import (MEDLORA_META, default_device, load_adapter, load_base_model, load_tokenizer,
                               preflight_adapter, resolve_dtype, resolve_model_path)
 
@@ -84,7 +84,10 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
             "merged_from": {"base_model": base_model, "adapter": str(adapter_dir)}, "dtype": dtype}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
+    remove_stale_staging(out_dir.parent, f".{out_dir.name}.merging-")  # left by a merge that was killed
+    if out_dir.exists():  # else a killed swap's .old- folder holds the last complete model: keep it
+        remove_stale_staging(out_dir.parent, f".{out_dir.name}.old-")
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(f".{out_dir.name}.merging-"), dir=out_dir.parent))
     try:
         save_merged(merged, tokenizer, staging, meta)
         del model, merged  # the check below reloads from disk: keep one copy of the weights in memory
@@ -139,7 +142,7 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(staging, out_dir)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old = Path(tempfile.mkdtemp(prefix=staging_prefix(f".{out_dir.name}.old-"), dir=out_dir.parent))
     os.replace(out_dir, old / out_dir.name)
     try:
         os.replace(staging, out_dir)

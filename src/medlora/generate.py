@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -93,9 +94,19 @@ class Generator:
         kwargs = gen.to_generate_kwargs()
         kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
         if self.template.stop_strings:
+            from transformers import StoppingCriteriaList
+
             # Stop a sequence as soon as it starts a new template section: the rest would be cut anyway.
-            kwargs.update(stop_strings=self.template.stop_strings, tokenizer=self.tokenizer)
+            kwargs.update(stopping_criteria=StoppingCriteriaList([self._section_stop]))
         return kwargs
+
+    @cached_property
+    def _section_stop(self):
+        # Built once: given `stop_strings=`, generate() rebuilds this from the whole vocabulary on every call (~1 s
+        # for Qwen's 151k tokens), as its cache key holds get_vocab()'s order, which differs from call to call.
+        from transformers import StopStringCriteria
+
+        return StopStringCriteria(self.tokenizer, self.template.stop_strings)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], gen: GenerationArgs, batch_size: int = 8) -> list[Answer]:
@@ -140,8 +151,8 @@ class Generator:
                 return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**self._encode([prompt]), **self._generate_kwargs(gen), streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([_StopOnEvent()]))
+        kwargs = dict(**self._encode([prompt]), **self._generate_kwargs(gen), streamer=streamer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), _StopOnEvent()])
         errors = []
 
         def run():

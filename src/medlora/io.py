@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -56,6 +57,33 @@ def replace_folder_contents(staging: Path, dest: Path, last: str) -> None:
     for name in [*names, last]:
         os.chmod(staging / name, 0o666 & ~current_umask())
         os.replace(staging / name, dest / name)
+
+
+def staging_prefix(kind: str) -> str:
+    """A prefix for temporary folders that names this process, so that a later run can tell a killed one's."""
+    return f"{kind}{os.getpid()}-"
+
+
+def remove_stale_staging(folder: Path, kind: str) -> None:
+    """Remove `folder`'s entries named `<kind><pid>-...` whose process is gone: what a killed write left behind."""
+    for path in Path(folder).glob(f"{kind}*"):
+        pid = path.name[len(kind):].split("-", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def current_umask() -> int:

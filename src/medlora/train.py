@@ -23,7 +23,7 @@ from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import supervised_loss
-from medlora.io import atomic_write_text, replace_folder_contents
+from medlora.io import atomic_write_text, remove_stale_staging, replace_folder_contents, staging_prefix
 from medlora.modeling import (MEDLORA_META, attach_lora, load_base_model, load_tokenizer, model_fingerprint,
                               preflight_target_modules, resolve_dtype, resolve_model_path)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
@@ -234,7 +234,8 @@ def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bo
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out_dir) as staging:
+    remove_stale_staging(out_dir, ".adapter-")  # left by a save that was killed
+    with tempfile.TemporaryDirectory(prefix=staging_prefix(".adapter-"), dir=out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if save_bin:
             from safetensors.torch import load_file

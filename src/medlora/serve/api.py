@@ -319,7 +319,9 @@ class Engine:
         generator, request = self.generators[job.request.model], job.request
         streamer = CountingStreamer(generator.tokenizer, generator.eos_ids)
         kwargs = dict(**generator._encode([request.prompt]), **generator._generate_kwargs(request.gen),
-                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(job.cancel)]))
+                      streamer=streamer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []),
+                                                            _StopOnEvent(job.cancel)])
         errors: list[Exception] = []
         thread = threading.Thread(target=_generate_into, args=(generator.model, kwargs, streamer, errors), daemon=True)
         thread.start()
@@ -895,9 +897,16 @@ def _add_info_routes(app: FastAPI, engine: Engine, bearer: list) -> None:
 
 
 def stream_response(chunk: type[BaseModel]) -> dict:
+    # Before OpenAPI 3.2, a text/event-stream schema describes one event; its `data` is JSON text (or [DONE]).
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    event = {"type": "object", "required": ["data"], "properties": {
+        "data": {"anyOf": [{"type": "string", "const": "[DONE]"},
+                           {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]},
+        "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
     return {"description": f"the answer; with `stream: true`, server-sent events `data: <{chunk.__name__}>`, then "
                            f"`data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}}}
+            "content": {"text/event-stream": {"schema": event}}}
 
 
 def _document_openapi(app: FastAPI) -> None:

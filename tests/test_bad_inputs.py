@@ -1,0 +1,248 @@
+"""Bad input a user really hands in: each gets one clear line naming the file, line and field (or the adapter and
+the reason), through the library and through the CLI (exit code 2, no traceback), before any weights are loaded.
+
+Data files live in tests/data/bad/ (small, written for these tests); broken adapters are made from a quick one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medlora.data import load_records
+from medlora.errors import DataError
+from tests.test_atomic_outputs import lora_on_tiny_qwen2, save_quick_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+BAD = REPO / "tests" / "data" / "bad"
+ICONV = "convert it with: iconv -f GB18030 -t UTF-8"
+
+# file → the message after "{path}: "
+MESSAGES = {
+    "gbk.jsonl": f"line 1: not valid UTF-8 (it looks GBK/GB18030-encoded); {ICONV} '{BAD}/gbk.jsonl' > "
+                 f"'{BAD}/gbk.utf8.jsonl'",
+    "gb18030.csv": f"line 2: not valid UTF-8 (it looks GBK/GB18030-encoded); {ICONV} '{BAD}/gb18030.csv' > "
+                   f"'{BAD}/gb18030.utf8.csv'",
+    "trailing_comma.json": "line 3: invalid JSON (trailing comma at column 64; JSON allows none before ']')",
+    "mixed.json": "line 2: invalid JSON (Extra data at column 1: a second JSON value after the first; use one JSON "
+                  "array, or one JSON object per line)",
+    "null_output.jsonl": "line 2: field 'output' is null",
+    "empty.jsonl": "the file is empty (0 bytes)",
+    "no_data": "no data files (.json, .jsonl, .csv, .parquet) in this folder",
+    "unquoted_comma.csv": "line 2: 3 values for 2 columns (instruction, output); quote values that contain commas or "
+                          "line breaks",
+    "truncated.jsonl": "line 2: not valid UTF-8 (a broken character in UTF-8 text: the file is damaged or was cut "
+                       "off there)",
+    "pretty_object.jsonl": "line 1: invalid JSON (Expecting property name enclosed in double quotes at column 2: a "
+                           "record spread over several lines; JSONL needs one whole object per line (or write one "
+                           "JSON array))",
+    "list_output.jsonl": "line 1: field 'output' must be a string, got list",
+    "lone_surrogate.jsonl": "line 1: field 'instruction': unpaired surrogate '\\ud83d' at character 3 (a broken \\u "
+                            "escape; not valid text)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_each_bad_file_gets_its_exact_message(name):
+    with pytest.raises(DataError) as caught:
+        load_records(BAD / name)
+    assert str(caught.value) == f"{BAD / name}: {MESSAGES[name]}"
+
+
+def test_excel_csv_with_bom_crlf_and_chinese_headers_loads_through_columns():
+    records = load_records(BAD / "excel_export.csv", columns="instruction=问题,output=回答")
+    assert records == [
+        {"instruction": "感冒的常见症状是什么？", "input": "", "output": "鼻塞、流涕,咽痛。\r\n多休息。"},
+        {"instruction": "高血压应该去哪个科室？", "input": "", "output": "心内科。"},
+    ]
+    with pytest.raises(DataError, match=r"excel_export.csv: line 2: field 'instruction' is missing"):
+        load_records(BAD / "excel_export.csv")  # without --columns the Chinese headers map to nothing
+
+
+def test_deeply_nested_and_huge_number_json_are_data_errors(tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "digits.jsonl").write_text('{"instruction": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"deep.jsonl: line 1: invalid JSON \(nested too deeply to read\)"):
+        load_records(tmp_path / "deep.jsonl")
+    with pytest.raises(DataError, match=r"digits.jsonl: line 1: invalid JSON \(Exceeds the limit"):
+        load_records(tmp_path / "digits.jsonl")
+
+
+def test_an_unreadable_file_is_a_data_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = tmp_path / "secret.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n')
+    path.chmod(0)
+    with pytest.raises(DataError, match="secret.jsonl: cannot read the file"):
+        load_records(path)
+
+
+# --- broken adapters ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """A good adapter and broken copies of it, plus adapters trained on another (narrower) Qwen2 base."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from medlora.modeling import attach_lora, model_fingerprint
+    from medlora.train import save_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    model, tokenizer = lora_on_tiny_qwen2()
+    good = save_quick_adapter(model, tokenizer, root / "good", seed=1)
+    made = {"good": good}
+    for name in ("no_config", "pickle_only", "truncated"):
+        made[name] = Path(shutil.copytree(good, root / name))
+    (made["no_config"] / "adapter_config.json").unlink()
+    weights = made["pickle_only"] / "adapter_model.safetensors"
+    torch.save(load_file(weights), made["pickle_only"] / "adapter_model.bin")
+    weights.unlink()
+    weights = made["truncated"] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    other = attach_lora(Qwen2ForCausalLM(config), r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
+    made["other_base"] = save_adapter(other, tokenizer, root / "other_base",
+                                      {"base_model": "tiny-qwen2-h32", "base_fingerprint": model_fingerprint(config)})
+    made["foreign"] = Path(shutil.copytree(made["other_base"], root / "foreign"))  # no medlora.json: PEFT's own
+    (made["foreign"] / "medlora.json").unlink()
+    return made
+
+
+# Runs `medlora.cli.main` once per case in one fresh process (one torch import for all), capturing what reaches
+# file descriptor 2 and counting AutoModelForCausalLM.from_pretrained calls (weights loaded before the error).
+CLI_DRIVER = r"""
+import json, os, sys, tempfile, traceback
+import transformers
+cases, loads = json.load(open(sys.argv[1])), []
+original = transformers.AutoModelForCausalLM.from_pretrained
+def counting(*args, **kwargs):
+    loads.append(1)
+    return original(*args, **kwargs)
+transformers.AutoModelForCausalLM.from_pretrained = counting
+from medlora.cli import main
+from medlora.modeling import resolve_model_path
+resolve_model_path("tiny-qwen2")  # its once-per-process "random weights" notice is not part of any case
+results = []
+for argv in cases:
+    loads.clear()
+    with tempfile.TemporaryFile() as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        crash = None
+        try:
+            code = main(argv)
+        except BaseException as exc:
+            code, crash = getattr(exc, "code", None), traceback.format_exc()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        results.append({"code": code, "stderr": err.read().decode("utf-8", "replace"), "crash": crash,
+                        "weights_loaded": len(loads)})
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def run_cli_cases(cases: list[list[str]], tmp_path: Path) -> list[dict]:
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "-c", CLI_DRIVER, str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cli_results(adapters, tmp_path_factory) -> dict[str, dict]:
+    work = tmp_path_factory.mktemp("cli")
+    good_data = work / "good.jsonl"
+    good_data.write_text(json.dumps({"instruction": "感冒怎么办？", "output": "多休息。"}, ensure_ascii=False) + "\n")
+    base = ["--base_model", "tiny-qwen2"]
+    train = ["finetune", *base, "--output_dir", str(work / "run"), "--max_steps", "1", "--dtype", "fp32"]
+    infer = ["infer", *base, "--instruct_dir", str(good_data), "--max_new_tokens", "2", "--dtype", "fp32"]
+    cases = {f"data:{name}": [*train, "--data_path", str(BAD / name)] for name in MESSAGES}
+    cases.update({
+        "cutoff_len": [*train, "--data_path", str(good_data), "--cutoff_len", "4096"],
+        "target_module": [*train, "--data_path", str(good_data), "--lora_target_modules", "q_proj,qkv_proj"],
+        **{f"infer:{name}": [*infer, "--lora_weights", str(adapters[name])]
+           for name in ("no_config", "pickle_only", "truncated", "other_base", "foreign")},
+        "infer:pickle_allowed": [*infer, "--lora_weights", str(adapters["pickle_only"]), "--allow_pickle"],
+        "merge:truncated": ["merge", *base, "--lora_weights", str(adapters["truncated"]), "--out", str(work / "m")],
+        "serve:no_config": ["serve", *base, "--lora_weights", f"x={adapters['no_config']}", "--port", "9"],
+        "eval:other_base": ["eval", *base, "--lora_weights", str(adapters["other_base"]), "--data", str(good_data),
+                            "--out", str(work / "ev")],
+    })
+    return dict(zip(cases, run_cli_cases(list(cases.values()), work)))
+
+
+def assert_one_line_error(result: dict, line: str, weights_loaded: int = 0) -> None:
+    assert result["crash"] is None, result["crash"]
+    assert result["code"] == 2, result
+    assert "Traceback" not in result["stderr"]
+    lines = result["stderr"].splitlines()
+    # the error is the one line that is not a "[medlora] ..." progress note (e.g. the CPU-threads notice), and the last
+    assert [x for x in lines if not x.startswith("[medlora] ")] == [line] and lines[-1] == line, result["stderr"]
+    assert result["weights_loaded"] == weights_loaded, "weights were loaded before the error"
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_finetune_on_a_bad_file_exits_2_with_one_line(cli_results, name):
+    assert_one_line_error(cli_results[f"data:{name}"], f"medlora finetune: error: {BAD / name}: {MESSAGES[name]}")
+
+
+def test_cutoff_len_over_the_context_and_a_missing_target_module_fail_before_loading(cli_results):
+    assert_one_line_error(cli_results["cutoff_len"],
+                          "medlora finetune: error: --cutoff_len 4096 exceeds the model's context of 2048 tokens")
+    assert_one_line_error(cli_results["target_module"],
+                          "medlora finetune: error: --lora_target_modules: qkv_proj not found in this model; its "
+                          "linear layers are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj "
+                          "(or use all-linear)")
+
+
+def test_broken_adapters_are_refused_with_the_reason_before_loading_the_base(cli_results, adapters):
+    assert_one_line_error(cli_results["infer:no_config"], f"medlora infer: error: {adapters['no_config']}: missing "
+                          f"adapter_config.json (not a finished LoRA adapter folder)")
+    assert_one_line_error(cli_results["infer:pickle_only"], f"medlora infer: error: {adapters['pickle_only']}: only "
+                          f"a pickled adapter_model.bin is present; pickle files can run arbitrary code when loaded. "
+                          f"Pass --allow_pickle if you trust its source")
+    weights = adapters["truncated"] / "adapter_model.safetensors"
+    truncated = cli_results["infer:truncated"]["stderr"]
+    assert truncated.startswith(f"medlora infer: error: {weights}: not a readable safetensors file (")
+    assert_one_line_error(cli_results["infer:truncated"], truncated.rstrip("\n"))
+    assert truncated.rstrip().endswith("; it may be truncated")
+    assert_one_line_error(cli_results["merge:truncated"],
+                          truncated.rstrip("\n").replace("medlora infer", "medlora merge"))
+    assert_one_line_error(cli_results["serve:no_config"], f"medlora serve: error: {adapters['no_config']}: missing "
+                          f"adapter_config.json (not a finished LoRA adapter folder)")
+
+
+def test_pickle_adapter_loads_when_allowed(cli_results):
+    result = cli_results["infer:pickle_allowed"]
+    assert result["crash"] is None and result["code"] == 0, result
+
+
+def test_an_adapter_trained_on_another_base_is_refused_naming_both(cli_results, adapters):
+    message = (f"{adapters['other_base']}: this adapter was trained on base model 'tiny-qwen2-h32', which differs "
+               f"from the one loaded (hidden_size: 32 vs 64, intermediate_size: 64 vs 128); pass the matching "
+               f"--base_model")
+    assert_one_line_error(cli_results["infer:other_base"], f"medlora infer: error: {message}")
+    assert_one_line_error(cli_results["eval:other_base"], f"medlora eval: error: {message}")
+    # Without medlora.json only PEFT's load can tell: after the base is loaded, still one line and exit 2.
+    foreign = cli_results["infer:foreign"]
+    assert foreign["code"] == 2 and foreign["crash"] is None and "Traceback" not in foreign["stderr"]
+    assert foreign["stderr"].splitlines()[-1] == (
+        f"medlora infer: error: {adapters['foreign']}: this adapter does not fit the base model: size mismatch for "
+        f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight: copying a param with shape "
+        f"torch.Size([4, 32]) from checkpoint, the shape in current model is torch.Size([4, 64]).")
