@@ -93,6 +93,7 @@ RECORD_CHAT = """() => {
 def test_chat_streams_the_memorised_answer(page):
     expect = playwright_api.expect
     question, answer = TINY_RECORDS[0]["instruction"], TINY_RECORDS[0]["output"]
+    page.locator("#chatbot").wait_for(timeout=60_000)  # a loaded machine renders the page late
     page.evaluate(RECORD_CHAT)
     page.locator("#question textarea").fill(question)
     page.locator("#send").click()
