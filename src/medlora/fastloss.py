@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 256  # 256 x 262k fp32 logits = 256 MB at a time
+CHUNK_ROWS = 128  # 128 x 262k fp32 logits = 128 MB at a time (and as much for their gradient)
 
 
 def unwrap(model):
