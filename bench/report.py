@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,8 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
     out = [
         "# Benchmarks",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} with `python bench/run.py --write docs/benchmarks.md` "
-        f"(`make bench`); `python bench/run.py --quick` gives the same figures on a smaller workload.",
+        f"Measured {time.strftime('%Y-%m-%d')} with `python bench/run.py {' '.join(sys.argv[1:])}` "
+        f"(`make bench` runs the full workload: 512 training records, 3 runs).",
         "",
         f"Machine: {results['machine']['platform']}, {results['machine']['cpu_count']} CPU cores, Python "
         f"{results['machine']['python']}, torch {results['machine']['torch']}, transformers "
