@@ -58,7 +58,6 @@ def worker_train(impl: str, n: int, out: str) -> dict:
 
         result = ref_train(str(prepare_builtin("gemma3-270m")), records, template(), out,
                            SETTINGS["micro_batch_size"], SETTINGS["batch_size"], SETTINGS["learning_rate"])
-        lengths = None
     else:
         from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs
         from medlora.train import finetune

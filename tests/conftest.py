@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,45 @@ def tiny_adapter(tiny_model, tiny_records_file, tmp_path_factory) -> Path:
                  str(out), "--num_epochs", "60", *LEARN_FLAGS])
     assert code == 0
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_medlora(args: list[str], log_path: Path, ready_path: str = "/health", seconds: float = 180):
+    """Run `medlora ARGS --port P` on loopback; yield its base URL once `ready_path` answers 200; stop it after.
+
+    The process's output goes to `log_path` and is shown when it fails to come up.
+    """
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", *args, "--port", str(port)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + seconds
+        while not _answers(url + ready_path):
+            if proc.poll() is not None:
+                pytest.fail(f"medlora {args[0]} exited {proc.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"medlora {args[0]} did not come up in {seconds}s:\n{log_path.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

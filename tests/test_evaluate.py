@@ -159,7 +159,7 @@ def test_eval_writes_metrics_and_reports(evaluated, tiny_adapter):
     assert metrics[tuned]["rougeL"] > metrics["base"]["rougeL"]
     assert metrics[tuned]["perplexity"] < metrics["base"]["perplexity"]
     assert metrics[tuned]["n"] == len(TINY_RECORDS)
-    for name in ("report.html", "report.md", f"base/results.jsonl", f"{tuned}/results.jsonl"):
+    for name in ("report.html", "report.md", "base/results.jsonl", f"{tuned}/results.jsonl"):
         assert (out / name).is_file(), name
     assert "###model output###" in proc.stdout and "ROUGE-L" in proc.stdout
 

@@ -6,11 +6,6 @@ One server (tiny-qwen2 + the memorising tiny adapter as `tuned`, API key on, sma
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,7 +15,7 @@ from openai import NotFoundError, OpenAI
 from medlora import DISCLAIMER
 from medlora.generate import template_for
 from medlora.serve.api import APIError, cut_at_stops, split_conversation, strip_pieces
-from tests.conftest import REPO, TINY_RECORDS
+from tests.conftest import TINY_RECORDS, running_medlora
 
 API_KEY = "test-key-123"
 CAP = 32
@@ -29,46 +24,15 @@ MAX_BODY = 32 * 1024
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tiny_adapter, tmp_path_factory):
-    """Base URL of a running `medlora serve`; its output is shown if it fails to start."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
-    command = [sys.executable, "-m", "medlora.cli", "serve", "--base_model", tiny_model, "--lora_weights",
-               f"tuned={tiny_adapter}", "--port", str(port), "--api-key", API_KEY, "--dtype", "fp32",
-               "--max_tokens_cap", str(CAP), "--max_prompt_tokens", str(MAX_PROMPT_TOKENS),
-               "--max_body_bytes", str(MAX_BODY), "--max_batch_size", "8"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, proc, log_path)
+    """(base URL, log path) of a running `medlora serve`; its output is shown if it fails to start."""
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    args = ["serve", "--base_model", tiny_model, "--lora_weights", f"tuned={tiny_adapter}", "--api-key", API_KEY,
+            "--dtype", "fp32", "--max_tokens_cap", str(CAP), "--max_prompt_tokens", str(MAX_PROMPT_TOKENS),
+            "--max_body_bytes", str(MAX_BODY), "--max_batch_size", "8"]
+    with running_medlora(args, log_path, seconds=120) as url:
         yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, log_path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"medlora serve exited {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"medlora serve did not come up in {seconds}s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="module")

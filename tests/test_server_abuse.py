@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 
 import httpx
 import pytest
 
+from tests.conftest import running_medlora
 from tests.test_atomic_outputs import quick_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,12 +26,6 @@ MAX_BODY = 16 * 1024
 SERVED = {"tiny-qwen2", "tuned"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model, tmp_path_factory):
     return quick_adapter(tmp_path_factory.mktemp("abuse") / "tuned", seed=3)
@@ -41,31 +34,12 @@ def adapter_dir(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(adapter_dir, tmp_path_factory):
     """(base URL, log path) of a running `medlora serve`."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("serve-abuse") / "server.log"
-    command = [sys.executable, "-m", "medlora.cli", "serve", "--base_model", "tiny-qwen2", "--lora_weights",
-               f"tuned={adapter_dir}", "--port", str(port), "--api-key", API_KEY, "--dtype", "fp32",
-               "--max_tokens_cap", str(CAP), "--max_prompt_tokens", "200", "--max_body_bytes", str(MAX_BODY),
-               "--max_batch_size", "8"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"medlora serve did not come up:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    log_path = tmp_path_factory.mktemp("serve-abuse") / "server.log"
+    args = ["serve", "--base_model", "tiny-qwen2", "--lora_weights", f"tuned={adapter_dir}", "--api-key", API_KEY,
+            "--dtype", "fp32", "--max_tokens_cap", str(CAP), "--max_prompt_tokens", "200",
+            "--max_body_bytes", str(MAX_BODY), "--max_batch_size", "8"]
+    with running_medlora(args, log_path, seconds=180) as url:
         yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def chat(model: str = "tuned", content: str = "感冒怎么办？", **fields) -> dict:

@@ -6,7 +6,7 @@ from transformers import DataCollatorForSeq2Seq
 from medlora.config import GenerationArgs
 from medlora.fastloss import supervised_loss
 from medlora.generate import Generator
-from medlora.modeling import attach_lora, load_adapter, load_base_model, load_tokenizer
+from medlora.modeling import attach_lora, load_base_model, load_tokenizer
 from medlora.templates import load_template
 from medlora.tokenize import tokenize_records
 from conftest import TINY_RECORDS

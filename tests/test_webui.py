@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_RECORDS
+from conftest import REPO, TINY_RECORDS, running_medlora
 from medlora import DISCLAIMER
 
 CHROMIUM = os.environ.get("MEDLORA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,41 +25,13 @@ if not Path(CHROMIUM).is_file():
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[web]')")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def webui(tiny_model, tiny_adapter, tmp_path_factory):
     """The page served by `medlora webui` in its own process; yields its URL."""
-    port = free_port()
     log = tmp_path_factory.mktemp("webui") / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "medlora.cli", "webui", "--base_model", tiny_model, "--lora_weights",
-             str(tiny_adapter), "--dtype", "fp32", "--port", str(port)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not _answers(url):
-            assert server.poll() is None, f"webui exited with {server.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"webui not up after {STARTUP_SECONDS} s:\n{log.read_text()}"
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    args = ["webui", "--base_model", tiny_model, "--lora_weights", str(tiny_adapter), "--dtype", "fp32"]
+    with running_medlora(args, log, ready_path="/", seconds=STARTUP_SECONDS) as url:
+        yield url + "/"
 
 
 @pytest.fixture(scope="module")
