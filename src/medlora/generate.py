@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria
 
 from medlora.config import GenerationArgs
 from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_tokenizer, preflight_adapter,
@@ -39,6 +40,16 @@ def template_for(prompt_template: str | None, *folders) -> Template:
             if recorded:
                 return load_template(recorded)
     return load_template("med_template")
+
+
+class StopOnEvent(StoppingCriteria):
+    """End generation once `event` is set (Ctrl-C in chat, a stop marker reached, a client gone away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
@@ -142,17 +153,12 @@ class Generator:
 
         Setting `stop_event` ends generation at the next token (Ctrl-C in chat, a dropped client in the server).
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         stop_event = stop_event or threading.Event()
-
-        class _StopOnEvent(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
-
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**self._encode([prompt]), **self._generate_kwargs(gen), streamer=streamer)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), _StopOnEvent()])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), StopOnEvent(stop_event)])
         errors = []
 
         def run():

@@ -35,11 +35,11 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError, MedloraError
-from medlora.generate import Generator, cut_at_markers, template_for
+from medlora.generate import Generator, StopOnEvent, cut_at_markers, template_for
 from medlora.templates import Template
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ class Engine:
         kwargs = dict(**generator._encode([request.prompt]), **generator._generate_kwargs(request.gen),
                       streamer=streamer)
         kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []),
-                                                            _StopOnEvent(job.cancel)])
+                                                            StopOnEvent(job.cancel)])
         errors: list[Exception] = []
         thread = threading.Thread(target=_generate_into, args=(generator.model, kwargs, streamer, errors), daemon=True)
         thread.start()
@@ -386,16 +386,6 @@ class CountingStreamer(TextIteratorStreamer):
             self.n_tokens += len(ids)
             self.ended_by_eos = bool(ids) and ids[-1] in self.eos_ids
         super().put(value)
-
-
-class _StopOnEvent(StoppingCriteria):
-    """A stopping criterion: end generation once `event` is set (marker reached, or the client went away)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _generate_into(model, kwargs: dict, streamer, errors: list) -> None:
