@@ -2,8 +2,10 @@
 
 The plain path projects every position onto the whole vocabulary (262k columns for Gemma 3) and then throws
 away the prompt positions. Here the decoder runs as usual, the final hidden states are captured, and only the
-rows whose next-token label is supervised go through the LM head, in chunks, each recomputed in backward
-instead of stored. The loss is the same sum of token cross-entropies.
+rows whose next-token label is supervised go through the LM head, in chunks. With the head frozen (LoRA), each
+chunk's gradient with respect to its hidden rows is computed right away in the forward pass (softmax minus
+one-hot, times the head): the chunk's logits are never stored nor recomputed, and backward only scales those
+rows. The loss is the same sum of token cross-entropies, the gradients the same as autograd's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,47 @@ def final_norm(base) -> torch.nn.Module:
     return norm
 
 
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropies of `hidden @ weight.T` (optionally soft-capped) against `targets`, for a frozen head.
+
+    Autograd through the plain expression would keep every chunk's [rows, vocab] logits for backward or, with
+    checkpointing, run the head a second time; here the gradient of each chunk is formed while its logits exist.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap):
+        rows_in = hidden.to(weight.dtype)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(rows_in) if need_grad else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 logits and loss under bf16 (fp64 stays fp64)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, rows_in.shape[0], CHUNK_ROWS):
+            rows = rows_in[start:start + CHUNK_ROWS]
+            tgt = targets[start:start + CHUNK_ROWS]
+            logits = (rows @ weight.T).to(acc)
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, tgt[:, None]).squeeze(1)
+            total += (lse - picked).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(tgt), device=tgt.device), tgt] -= 1
+                if softcap:
+                    probs.mul_(1 - capped * capped)
+                grad[start:start + CHUNK_ROWS] = probs.to(weight.dtype) @ weight
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None
+
+
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap) -> torch.Tensor:
     logits = lm_head(hidden).float()
     if softcap:
@@ -60,7 +103,9 @@ def supervised_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
     targets = targets_all[mask]
     lm_head = base.get_output_embeddings()
     softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    if not lm_head.weight.requires_grad and getattr(lm_head, "bias", None) is None and type(lm_head) is torch.nn.Linear:
+        return _FrozenHeadCrossEntropy.apply(hidden, lm_head.weight, targets, softcap), int(targets.numel())
+    total = hidden.new_zeros((), dtype=torch.float32)  # a trained or wrapped head: plain autograd, checkpointed
     for rows, row_targets in zip(hidden.split(CHUNK_ROWS), targets.split(CHUNK_ROWS)):
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, rows, row_targets, lm_head, softcap, use_reentrant=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def configure_threads() -> int:
     """CPU threads for torch: `MEDLORA_THREADS` if set, else the cores not already kept busy by other processes.
 
     With every core's thread spinning at each op's barrier, one other busy process slows a 2-thread run several
-    fold (measured here: 4x slower per training step than 1 thread); leaving that core alone avoids it.
+    fold (measured here: 4x slower per training step than 1 thread); leaving that core alone avoids it. Busy
+    cores are measured over a short window of /proc/stat, not read from the load average, which counts waiting
+    kernel threads and the last minute's history (it sat near 1.0 on an idle 2-core machine here).
     """
     if os.environ.get("MEDLORA_THREADS"):
         threads = int(os.environ["MEDLORA_THREADS"])
@@ -46,13 +49,32 @@ def configure_threads() -> int:
         return torch.get_num_threads()
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = min(cores, int(os.getloadavg()[0] + 0.5)) if hasattr(os, "getloadavg") else 0
+        busy = min(cores, round(busy_cores()))
         threads = max(1, min(torch.get_num_threads(), cores - busy))
         if threads < torch.get_num_threads():
             logger.info("other processes keep %d of %d cores busy: using %d CPU thread(s) (MEDLORA_THREADS "
                         "overrides)", busy, cores, threads)
     torch.set_num_threads(threads)
     return threads
+
+
+def busy_cores(window: float = 0.25) -> float:
+    """Cores' worth of CPU time spent outside idle over the next `window` seconds (0 where /proc is absent)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total (in clock ticks, all cores)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def default_device() -> str:
