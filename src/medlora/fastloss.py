@@ -49,22 +49,28 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(rows_in) if need_grad else None
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 logits and loss under bf16 (fp64 stays fp64)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        for start in range(0, rows_in.shape[0], CHUNK_ROWS):
-            rows = rows_in[start:start + CHUNK_ROWS]
-            tgt = targets[start:start + CHUNK_ROWS]
-            logits = (rows @ weight.T).to(acc)
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, tgt[:, None]).squeeze(1)
-            total += (lse - picked).sum()
-            if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(tgt), device=tgt.device), tgt] -= 1
+        head_out, logits_buf, log_probs_buf = _chunk_buffers(weight, acc)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here; out= needs it off
+            for start in range(0, rows_in.shape[0], CHUNK_ROWS):
+                rows = rows_in[start:start + CHUNK_ROWS]
+                tgt = targets[start:start + CHUNK_ROWS]
+                n = rows.shape[0]
+                raw = torch.mm(rows, weight.T, out=head_out[:n])
+                logits = logits_buf[:n]
+                if logits.data_ptr() != raw.data_ptr():
+                    logits.copy_(raw)
                 if softcap:
-                    probs.mul_(1 - capped * capped)
-                grad[start:start + CHUNK_ROWS] = probs.to(weight.dtype) @ weight
+                    capped = torch.tanh(logits / softcap)
+                    torch.mul(capped, softcap, out=logits)
+                log_probs = torch.ops.aten._log_softmax.out(logits, 1, False, out=log_probs_buf[:n])
+                total -= log_probs.gather(1, tgt[:, None]).sum()
+                if need_grad:
+                    probs = log_probs.exp_()  # softmax, in place
+                    probs[torch.arange(n, device=tgt.device), tgt] -= 1
+                    if softcap:
+                        probs.mul_(1 - capped * capped)
+                    probs_in = head_out[:n].copy_(probs) if head_out.dtype != probs.dtype else probs
+                    torch.mm(probs_in, weight, out=grad[start:start + n])
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
@@ -74,6 +80,26 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
         return (grad * grad_total.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None
+
+
+_BUFFERS: dict = {}
+
+
+def _chunk_buffers(weight: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[CHUNK_ROWS, vocab] work buffers, kept between calls: a fresh 128 MB tensor per chunk costs more in page
+    faults (the allocator maps and unmaps it each time) than the softmax itself. `release_buffers()` frees them."""
+    key = (weight.device, weight.dtype, acc, weight.shape[0], CHUNK_ROWS)
+    if key not in _BUFFERS:
+        _BUFFERS.clear()
+        shape = (CHUNK_ROWS, weight.shape[0])
+        head_out = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        logits = head_out if acc == weight.dtype else torch.empty(shape, dtype=acc, device=weight.device)
+        _BUFFERS[key] = (head_out, logits, torch.empty(shape, dtype=acc, device=weight.device))
+    return _BUFFERS[key]
+
+
+def release_buffers() -> None:
+    _BUFFERS.clear()
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap) -> torch.Tensor:

@@ -22,7 +22,7 @@ from medlora import __version__
 from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
-from medlora.fastloss import supervised_loss
+from medlora.fastloss import release_buffers, supervised_loss
 from medlora.io import atomic_write_text, remove_stale_staging, replace_folder_contents, staging_prefix
 from medlora.modeling import (MEDLORA_META, attach_lora, load_base_model, load_tokenizer, model_fingerprint,
                               preflight_target_modules, resolve_dtype, resolve_model_path)
@@ -278,6 +278,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     start = time.perf_counter()
     with stopper.installed():
         trainer.train(resume_from_checkpoint=resume)
+    release_buffers()
     wall = time.perf_counter() - start
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
