@@ -17,7 +17,7 @@ from medlora.errors import DataError
 REPO = Path(__file__).resolve().parents[1]
 KB = REPO / "src" / "medlora" / "kb"
 DATA = REPO / "data" / "medqa"
-MCQ_OUTPUT = re.compile(r"^答案: ([A-E])\n解析: \S")
+MCQ_OUTPUT = re.compile(r"^解析: \S[^\n]*\n答案: ([A-E])$")
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,17 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
             for v in options.values():
                 if v != d["name"]:
                     assert not set(cited) & set(by_name[v]["symptoms"]), (r["instruction"], v)
+
+
+def test_training_mcqs_come_in_variants_with_spread_answer_letters(tagged):
+    train = [r for r in tagged if r["split"] == "train" and r["pattern"] in MCQ_PATTERNS]
+    per_pair = Counter((r["disease"], r["pattern"]) for r in train)
+    assert sum(per_pair.values()) >= 2.5 * len(per_pair)  # most pairs have their 3 variants
+    assert len({r["instruction"] for r in train}) == len(train)
+    letters = Counter(MCQ_OUTPUT.match(r["output"]).group(1) for r in train)
+    assert all(0.14 < letters[x] / len(train) < 0.26 for x in "ABCDE"), letters
+    held_out = [r for r in tagged if r["split"] != "train" and r["pattern"] in MCQ_PATTERNS]
+    assert Counter((r["disease"], r["pattern"]) for r in held_out).most_common(1)[0][1] == 1
 
 
 def test_outputs_end_with_a_full_stop(tagged):

@@ -51,6 +51,7 @@ KNOWN_KEYS = set(STRING_FIELDS) | set(REQUIRED_LISTS) | set(OPTIONAL_LISTS)
 
 SPLITS = ("train", "valid", "test")
 TEST_SHARE, VALID_SHARE, MCQ_TEST_SHARE, MIN_MCQ_TEST = 0.08, 0.04, 0.20, 60
+MCQ_TRAIN_VARIANTS = 3  # each training MCQ pair also as 2 more variants (wording, distractors, answer letter)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -237,7 +238,9 @@ def _mcq(rng: random.Random, question: str, correct: str, distractors: list[str]
     options.insert(position, correct)
     letters = "ABCDE"
     body = "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
-    return f"{question}\n{body}", f"答案: {letters[position]}\n解析: {why}"
+    # The reason first, then the letter: a small model answers better when it states the fact before choosing
+    # (the letter is then a lookup of the option it has just named), and `答案: X` still ends the answer.
+    return f"{question}\n{body}", f"解析: {why}\n答案: {letters[position]}"
 
 
 def _distinct(rng: random.Random, pool: list[str], k: int, avoid: list[str]) -> list[str] | None:
@@ -640,7 +643,25 @@ def build_tagged(diseases: list[dict], seed: int = 42) -> list[dict]:
             tagged.append({"disease": disease["name"], "pattern": pattern, "instruction": instruction,
                            "input": "", "output": output})
     _assign_splits(tagged, seed)
-    return tagged
+    return tagged + _mcq_variants(ix, diseases, tagged, seed)
+
+
+def _mcq_variants(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[dict]:
+    """More training MCQs from the training (disease, pattern) pairs only, so test pairs stay unseen: the same
+    question with other wording, distractors and answer letter teaches the choice rather than a letter."""
+    by_name = {d["name"]: d for d in diseases}
+    seen = {r["instruction"] for r in tagged}
+    extra = []
+    for record in tagged:
+        if record["split"] != "train" or record["pattern"] not in MCQ_PATTERNS:
+            continue
+        for k in range(1, MCQ_TRAIN_VARIANTS):
+            rng = random.Random(f"{seed}\x1f{record['disease']}\x1f{record['pattern']}\x1f{k}")
+            made = PATTERNS[record["pattern"]](ix, by_name[record["disease"]], rng)
+            if made is not None and made[0] not in seen:
+                seen.add(made[0])
+                extra.append({**record, "instruction": made[0], "output": made[1]})
+    return extra
 
 
 def build_records(diseases: list[dict], seed: int = 42) -> dict[str, list[dict]]:
