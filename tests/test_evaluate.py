@@ -103,6 +103,7 @@ def test_parse_options_on_lines_and_inline():
     ("(B)", "", "B"),
     ("答案: C\n解析: 肝硬化最常见", "", "C"),
     ("答案：D", "", "D"),
+    ("解析: 双重感染易致肝硬化，少数发展为肝癌。\n答案: C", QUESTION, "C"),  # reason first, two options named
     ("C. 肝硬化", "", "C"),
     ("肝硬化是最常见的并发症", QUESTION, "C"),
     ("肝硬化是最常见的并发症", "", None),

@@ -14,7 +14,8 @@ from openai import NotFoundError, OpenAI
 
 from medlora import DISCLAIMER
 from medlora.generate import template_for
-from medlora.serve.api import APIError, cut_at_stops, split_conversation, strip_pieces
+from medlora.generate import strip_pieces
+from medlora.serve.engine import APIError, cut_at_stops, split_conversation
 from tests.conftest import TINY_RECORDS, running_medlora
 
 API_KEY = "test-key-123"

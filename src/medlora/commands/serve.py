@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from medlora import DISCLAIMER
-    from medlora.serve.api import Engine, ServeSettings, create_app
+    from medlora.serve.api import create_app
+    from medlora.serve.engine import Engine, ServeSettings
 
     margs = model_args(args)
     engine = Engine.load(margs.base_model, parse_adapters(args.lora_weights), args.prompt_template, margs.dtype,

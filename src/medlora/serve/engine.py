@@ -1,0 +1,420 @@
+"""The serving engine: one base model with its LoRA adapters, answered by one worker thread.
+
+One worker thread owns the model, so generation never runs on the event loop and never runs twice at once.
+Requests that arrive while it is busy wait in a queue; the worker takes the oldest one plus every queued request
+for the same model with the same settings (up to `max_batch_size`) and answers them with one left-padded
+`generate` call. A streaming request is answered alone, token by token; a client that goes away sets its cancel
+event, which stops the generation at the next token. Also here: turning chat messages into a prompt, and the
+errors and bounds the HTTP layer (`medlora.serve.api`) answers with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse
+
+from medlora.config import GenerationArgs
+from medlora.errors import ConfigError
+from medlora.generate import Generator, StreamStats, template_for
+from medlora.templates import Template
+
+logger = logging.getLogger(__name__)
+
+BASE_ALIAS = "base"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# --- errors and settings -----------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered as OpenAI's `{"error": {message, type, param, code}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+@dataclass
+class ServeSettings:
+    """Bounds on what one request may ask for, and the API key (None: no authentication)."""
+
+    api_key: str | None = None
+    max_prompt_tokens: int = 2048
+    max_tokens_cap: int = 1024
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        for name in ("max_prompt_tokens", "max_tokens_cap", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1")
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_cap)
+
+
+# --- the engine --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to answer with one model; `stop` strings end the answer (they are not part of it)."""
+
+    model: str
+    prompt: str
+    gen: GenerationArgs
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Output:
+    text: str
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_tokens reached)
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    emit: Callable[[str, object], None]  # called from the worker: ("text", str), ("done", Output), ("error", exc)
+    stream: bool
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def batch_key(self) -> tuple:
+        return (self.request.model, dataclasses.astuple(self.request.gen))
+
+
+class Engine:
+    """One base model with its adapters, served by a single worker thread that batches queued requests.
+
+    Models are named: the base by its `--base_model` name (alias `base`), each adapter by its own name. Names are
+    only ever looked up in this table, never used as paths.
+    """
+
+    def __init__(self, model, tokenizer, templates: dict[str, Template], base_name: str, text_tokenizer=None,
+                 max_batch_size: int = 8, max_queue: int = 256, context_length: int | None = None):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ConfigError("--max_batch_size and --max_queue must be at least 1")
+        self.model, self.base_name = model, base_name
+        self.generators = {name: Generator(model, tokenizer, template) for name, template in templates.items()}
+        self.text_tokenizer = text_tokenizer or tokenizer  # request-side prompt building and counting only
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.context_length = context_length
+        self._text_lock = threading.Lock()  # a Rust tokenizer must not be used by two threads at once
+        self._pending: deque[_Job] = deque()
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._running: list[_Job] = []
+        self._worker: threading.Thread | None = None
+        self.served = self.generate_calls = 0  # answered requests, and model.generate calls that answered them
+
+    @classmethod
+    def load(cls, base_model: str, adapters: dict[str, str] | None = None, prompt_template: str | None = None,
+             dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
+             allow_pickle: bool = False, **engine_kwargs) -> "Engine":
+        """Load the base once and put every adapter on it as a named PeftModel adapter."""
+        from medlora.modeling import load_adapter, load_base_model, load_tokenizer, preflight_adapter
+
+        adapters = dict(adapters or {})
+        check_model_names(base_model, adapters)
+        for path in adapters.values():  # a bad adapter is refused before the base's weights are loaded
+            preflight_adapter(path, base_model, allow_pickle, trust_remote_code)
+        tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
+        text_tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
+        templates = {base_model: template_for(prompt_template, base_model)}
+        templates.update({name: template_for(prompt_template, path, base_model) for name, path in adapters.items()})
+        model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)
+        context = getattr(model.config, "max_position_embeddings", None)
+        for name, path in adapters.items():
+            model = load_adapter(model, path, allow_pickle=allow_pickle, adapter_name=name)
+        return cls(model, tokenizer, templates, base_model, text_tokenizer, context_length=context, **engine_kwargs)
+
+    # request side (any thread) ----------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.generators)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._pending) + len(self._running)
+
+    def resolve(self, name: str) -> str:
+        """The served model called `name`, or a 404."""
+        name = self.base_name if name == BASE_ALIAS else name
+        if name not in self.generators:
+            raise APIError(404, f"The model {name[:100]!r} does not exist; available: {', '.join(self.generators)}",
+                           param="model", code="model_not_found")
+        return name
+
+    def chat_prompt(self, name: str, messages: list[dict]) -> str:
+        """The prompt for a conversation of {"role", "content"} messages, through the model's template."""
+        template = self.generators[name].template
+        if template.use_chat_template and getattr(self.text_tokenizer, "chat_template", None):
+            messages = chat_template_messages(messages)
+            with self._text_lock:
+                return self.text_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        last_user, history = split_conversation(messages)
+        return template.build_prompt(last_user, "", self.text_tokenizer, history)
+
+    def count_tokens(self, name: str, text: str) -> int:
+        special = not self.generators[name].template.use_chat_template  # as Generator._encode does
+        with self._text_lock:
+            return len(self.text_tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def submit(self, request: GenerationRequest, emit: Callable[[str, object], None], stream: bool = False
+               ) -> threading.Event:
+        """Queue a request; `emit` is called from the worker. Returns the event that cancels it."""
+        job = _Job(request, emit, stream)
+        with self._wakeup:
+            if self._closed:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self._pending) >= self.max_queue:
+                raise APIError(503, f"the server is busy ({len(self._pending)} requests queued); retry later",
+                               type="server_error", code="server_busy")
+            self._pending.append(job)
+            self._wakeup.notify()
+        self.start()
+        return job.cancel
+
+    async def complete(self, request: GenerationRequest) -> Output:
+        """The whole answer; awaiting never blocks the event loop."""
+        sink = _LoopSink(asyncio.get_running_loop())
+        cancel = self.submit(request, sink)
+        try:
+            kind, payload = await sink.queue.get()
+        finally:
+            cancel.set()  # if this task was cancelled while queued, the worker skips the job
+        if kind == "error":
+            raise payload
+        return payload
+
+    def open_stream(self, request: GenerationRequest) -> "TextStream":
+        """Queue a streaming request now (so a full queue is refused before any response starts)."""
+        sink = _LoopSink(asyncio.get_running_loop())
+        return TextStream(sink.queue, self.submit(request, sink, stream=True))
+
+    # worker side -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._wakeup:
+            if self._worker is None and not self._closed:
+                self._worker = threading.Thread(target=self._work, name="medlora-engine", daemon=True)
+                self._worker.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, refuse the queued ones, stop a running stream and let the worker finish."""
+        with self._wakeup:
+            self._closed = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._wakeup.notify_all()
+        for job in self._running:
+            job.cancel.set()
+        for job in dropped:
+            job.emit("error", APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _work(self) -> None:
+        while (jobs := self._next_jobs()) is not None:
+            self._running = jobs
+            try:
+                self._run(jobs)
+                self.served, self.generate_calls = self.served + len(jobs), self.generate_calls + 1
+            except Exception as exc:  # every failure goes to its requests; the worker lives on
+                logger.exception("generation failed")
+                for job in jobs:
+                    job.emit("error", exc)
+            finally:
+                self._running = []
+
+    def _next_jobs(self) -> list[_Job] | None:
+        """The oldest live job, plus queued non-streaming jobs it can share a batch with; None once closed."""
+        with self._wakeup:
+            while True:
+                while not self._pending and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    return None
+                first = self._pending.popleft()
+                if not first.cancel.is_set():
+                    break
+            if first.stream:
+                return [first]
+            batch = [first]
+            for job in list(self._pending):
+                if len(batch) < self.max_batch_size and not job.stream and job.batch_key == first.batch_key:
+                    self._pending.remove(job)
+                    if not job.cancel.is_set():
+                        batch.append(job)
+            return batch
+
+    def _run(self, jobs: list[_Job]) -> None:
+        name = jobs[0].request.model
+        with self._use_model(name):
+            if jobs[0].stream:
+                self._run_stream(jobs[0])
+            else:
+                self._run_batch(jobs)
+
+    @contextmanager
+    def _use_model(self, name: str):
+        """Activate adapter `name`, or switch every adapter off for the base model."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            context = nullcontext()
+        elif name == self.base_name:
+            context = self.model.disable_adapter()
+        else:
+            self.model.set_adapter(name, inference_mode=True)
+            context = nullcontext()
+        with context:
+            yield
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        first = jobs[0].request
+        answers = self.generators[first.model].generate([job.request.prompt for job in jobs], first.gen,
+                                                        batch_size=self.max_batch_size)
+        for job, answer in zip(jobs, answers):
+            text, was_cut = cut_at_stops(answer.text, job.request.stop)
+            reason = "stop" if answer.ended_by_eos or was_cut else "length"
+            job.emit("done", Output(text, answer.n_tokens, reason))
+
+    def _run_stream(self, job: _Job) -> None:
+        generator, request = self.generators[job.request.model], job.request
+        stats, pieces = StreamStats(), []
+        for piece in generator.stream(request.prompt, request.gen, job.cancel, stops=request.stop, stats=stats):
+            pieces.append(piece)
+            job.emit("text", piece)
+        reason = "stop" if stats.stopped or stats.ended_by_eos else "length"
+        job.emit("done", Output("".join(pieces), stats.n_tokens, reason))
+
+
+class _LoopSink:
+    """Carries a job's events from the worker thread into an asyncio queue on the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, kind: str, payload) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed: the server is shutting down and nobody is listening
+            pass
+
+
+class TextStream:
+    """The pieces of one streamed answer: iterate for ("text", str) events, then `output` holds the Output."""
+
+    def __init__(self, queue: asyncio.Queue, cancel: threading.Event):
+        self.queue, self.cancel = queue, cancel
+        self.output: Output | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                kind, payload = await self.queue.get()
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    self.output = payload
+                    return
+                yield payload
+        finally:
+            self.cancel.set()  # a client that went away stops the generation at the next token
+
+
+def cut_at_stops(text: str, stops: Iterable[str]) -> tuple[str, bool]:
+    """`text` up to the first of the stop strings (excluded, right-stripped), and whether one was found."""
+    hits = [text.index(stop) for stop in stops if stop and stop in text]
+    if not hits:
+        return text, False
+    return text[:min(hits)].rstrip(), True
+
+
+def check_model_names(base_model: str, adapters: dict[str, str]) -> None:
+    """Adapter names are API identifiers: short, plain, distinct from the base model's."""
+    for name in adapters:
+        if not MODEL_NAME.match(name):
+            raise ConfigError(f"--lora_weights {name}=...: a model name is letters, digits, '.', '_' or '-' "
+                              f"(at most 64, starting with a letter or digit)")
+        if name in (BASE_ALIAS, base_model):
+            raise ConfigError(f"--lora_weights {name}=...: {name!r} names the base model; choose another name")
+
+
+# --- chat messages to a prompt -----------------------------------------------------------------------------
+
+def message_text(content) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        part = part if isinstance(part, dict) else part.model_dump()
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, "only text content parts are supported", param="messages", code="unsupported_content")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def normalise_roles(messages: list[dict]) -> list[tuple[str, str]]:
+    """(role, text) pairs with `developer` read as `system`; other roles than system/user/assistant refused."""
+    pairs = []
+    for message in messages:
+        role = "system" if message["role"] == "developer" else message["role"]
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"unsupported message role {role[:40]!r}: use system, user or assistant",
+                           param="messages", code="unsupported_role")
+        pairs.append((role, message_text(message.get("content"))))
+    if not pairs or pairs[-1][0] != "user":
+        raise APIError(400, "the last message must be the user's", param="messages", code="invalid_messages")
+    return pairs
+
+
+def split_conversation(messages: list[dict]) -> tuple[str, list[tuple[str, str]]]:
+    """(last user message, earlier (user, assistant) turns); system text is put before the first user message.
+
+    Consecutive messages of one role are joined with a newline; a conversation must alternate user/assistant,
+    starting and ending with the user.
+    """
+    pairs = normalise_roles(messages)
+    system = "\n".join(text for role, text in pairs if role == "system")
+    turns: list[list[str]] = []
+    for role, text in pairs:
+        if role == "system":
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+    if turns[0][0] != "user":
+        raise APIError(400, "the conversation must start with a user message", param="messages",
+                       code="invalid_messages")
+    if system:
+        turns[0][1] = f"{system}\n\n{turns[0][1]}"
+    texts = [text for _, text in turns]
+    return texts[-1], list(zip(texts[0:-1:2], texts[1:-1:2]))
+
+
+def chat_template_messages(messages: list[dict]) -> list[dict]:
+    """Messages for the tokenizer's own chat template: plain-text content, known roles."""
+    return [{"role": role, "content": text} for role, text in normalise_roles(messages)]

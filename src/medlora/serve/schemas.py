@@ -1,0 +1,152 @@
+"""OpenAI's request and response schemas, the subset `medlora serve` answers (pydantic models)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 4
+
+
+class _Lenient(BaseModel):
+    """Unknown OpenAI fields (user, seed, presence_penalty, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: str = Field(description="system (or developer), user or assistant")
+    content: str | list[TextPart] | None = Field(None, description="the text, or a list of text parts")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = Field(False, description="send a last chunk with token usage before [DONE]")
+
+
+class SamplingFields(_Lenient):
+    model: str = Field(description="a served model id (see GET /v1/models); `base` is the base model")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (1 to the server's cap)")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy; above 0: sampling")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling threshold, with temperature > 0")
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
+    n: int | None = Field(None, description="number of answers; only 1 is supported")
+    stream: bool = Field(False, description="answer as server-sent events ending with `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, ending with a user message")
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens; wins if both")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="the raw prompt (no template applied); a list must hold one string")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    """A completion, or (with `stream`) one server-sent event of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "medlora"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    models: list[str]
+    queue: int = Field(description="requests waiting or running")
+    served: int = Field(description="requests answered since start")
+    generate_calls: int = Field(description="batched generate calls that answered them")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "invalid request, prompt too long, max_tokens out of bounds, unsupported n",
+    401: "missing or wrong API key", 404: "unknown model", 413: "request body too large",
+    503: "queue full or shutting down"}.items()}
