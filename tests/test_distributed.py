@@ -154,7 +154,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
 def test_vllm_chat_template_builds_medlora_serve_prompt(tiny_model, messages):
-    api = pytest.importorskip("medlora.serve.api")
+    api = pytest.importorskip("medlora.serve.engine")
     from medlora.modeling import load_tokenizer
     from medlora.templates import load_template
 

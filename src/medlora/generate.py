@@ -133,15 +133,21 @@ class Generator:
         return StopStringCriteria(self.tokenizer, self.template.stop_strings)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], gen: GenerationArgs, batch_size: int = 8) -> list[Answer]:
-        """Answers in the order of `prompts`; batches are formed from prompts of similar length."""
+    def generate(self, prompts: list[str], gen: GenerationArgs, batch_size: int = 8, progress: bool = False
+                 ) -> list[Answer]:
+        """Answers in the order of `prompts`; batches are formed from prompts of similar length. `progress` shows a
+        progress bar (stderr) counting answers."""
+        from tqdm.auto import tqdm
+
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
         answers: list[Answer | None] = [None] * len(prompts)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            for index, answer in zip(batch, self._generate_batch([prompts[i] for i in batch], gen)):
-                answers[index] = answer
+        with tqdm(total=len(prompts), unit="answer", disable=not progress or len(prompts) <= batch_size) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                for index, answer in zip(batch, self._generate_batch([prompts[i] for i in batch], gen)):
+                    answers[index] = answer
+                bar.update(len(batch))
         return answers
 
     def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
