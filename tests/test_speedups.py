@@ -114,3 +114,27 @@ def test_generate_feeds_the_lm_head_contiguous_rows(tiny_model):
         lambda module, args, output: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
     generator.generate(["短问题", "一个长得多的问题，需要更多的词元来描述它"], GenerationArgs(max_new_tokens=3), batch_size=2)
     assert seen and seen[0][0][0] == 2 and all(contiguous for _, contiguous in seen)
+
+
+def test_busy_cores_sees_another_process_and_threads_leave_it_alone(monkeypatch):
+    import subprocess
+    import sys
+
+    import medlora.modeling as modeling
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert modeling.busy_cores(0.5) >= 0.5  # a core's worth of CPU time, not the load average's history
+    finally:
+        busy.kill()
+        busy.wait()
+    before = torch.get_num_threads()
+    monkeypatch.delenv("MEDLORA_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(modeling, "busy_cores", lambda: 64.0)
+    try:
+        assert modeling.configure_threads() == 1
+        monkeypatch.setenv("MEDLORA_THREADS", "2")
+        assert modeling.configure_threads() == 2
+    finally:
+        torch.set_num_threads(before)
