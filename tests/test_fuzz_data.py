@@ -207,6 +207,19 @@ def count_nonblank_lines(raw: bytes) -> int:
     return sum(1 for line in raw.split(b"\n") if line.decode("utf-8").lstrip("\ufeff").strip())
 
 
+def load_or_locate(damaged: bytes, name: str) -> list[dict] | None:
+    """The records of `damaged` written to a file called `name`, or None after checking that the DataError it
+    raised names that file and the place."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(damaged)
+        try:
+            return load_records(path)
+        except DataError as error:
+            assert_located(error, path)
+            return None
+
+
 @FUZZ
 @given(valid_records(1, 5), st.booleans(), st.binary(min_size=1, max_size=6), st.sampled_from(["insert", "replace"]),
        st.data())
@@ -214,14 +227,8 @@ def test_damaged_bytes_never_drop_a_record_silently(records, crlf, junk, how, da
     raw = jsonl_bytes(records, crlf)
     at = data.draw(st.integers(0, len(raw) - 1))
     damaged = raw[:at] + junk + raw[at + (len(junk) if how == "replace" else 0):]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "damaged.jsonl"
-        path.write_bytes(damaged)
-        try:
-            loaded = load_records(path)
-        except DataError as error:
-            assert_located(error, path)
-            return
+    loaded = load_or_locate(damaged, "damaged.jsonl")
+    if loaded is not None:
         assert len(loaded) == count_nonblank_lines(damaged)
 
 
@@ -233,14 +240,8 @@ def test_damaged_csv_loads_every_row_or_names_a_line(records, junk, data):
     raw = buffer.getvalue().encode("utf-8")
     at = data.draw(st.integers(0, len(raw) - 1))
     damaged = raw[:at] + junk + raw[at:]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "damaged.csv"
-        path.write_bytes(damaged)
-        try:
-            loaded = load_records(path)
-        except DataError as error:
-            assert_located(error, path)
-            return
+    loaded = load_or_locate(damaged, "damaged.csv")
+    if loaded is not None:
         rows = list(csv.reader(io.StringIO(damaged.decode("utf-8").lstrip("\ufeff"), newline="")))
         assert len(loaded) == sum(1 for row in rows[1:] if row)
 
