@@ -215,7 +215,9 @@ def main() -> None:
         return
     runs = args.runs or (1 if args.quick else 3)
     n_train, n_infer, n_ref_infer = (32, 16, 4) if args.quick else (512, 64, 16)
-    results = measure(runs, n_train, n_infer, n_ref_infer)
+    raw = Path(args.write).with_suffix(".json") if args.write else None
+    results = measure(runs, n_train, n_infer, n_ref_infer, raw)
+    save_raw(results, raw)
     for line in summary_lines(results):
         print(json.dumps(line))
     if args.write:
@@ -225,7 +227,9 @@ def main() -> None:
                        {"runs": runs, "n_train": n_train, "n_infer": n_infer, "n_ref_infer": n_ref_infer})
 
 
-def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int) -> dict:
+def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path | None = None) -> dict:
+    """Every worker's figures; with `raw`, they are also saved there after each worker, so a long run that stops
+    half-way keeps what it measured."""
     results = {"peak": run_worker("peak"), "train": {"ours": [], "ref": []}, "val": {},
                "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": []}
     with tempfile.TemporaryDirectory() as scratch:
@@ -235,13 +239,21 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int) -> dict:
                 results["train"][impl].append(run_worker("train", impl=impl, n=n_train, out=out))
                 if run == 0:
                     results["val"][impl] = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
-            results["infer"]["ref"].append(run_worker("infer", impl="ref", n=n_ref_infer))
-            results["infer"]["ours"].append(run_worker("infer", impl="ours", n=n_infer))
-            results["infer"]["ours-beam"].append(run_worker("infer", impl="ours-beam", n=n_infer))
+                save_raw(results, raw)
+            for impl, n in (("ref", n_ref_infer), ("ours", n_infer), ("ours-beam", n_infer)):
+                results["infer"][impl].append(run_worker("infer", impl=impl, n=n))
+                save_raw(results, raw)
             results["latency"].append(run_worker("latency"))
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), **versions()}
     return results
+
+
+def save_raw(results: dict, raw: Path | None) -> None:
+    if raw is not None:
+        tmp = raw.with_name(raw.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, raw)
 
 
 def versions() -> dict:
