@@ -133,7 +133,12 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
         lines = r["instruction"].split("\n")
         options = dict(line.split(". ", 1) for line in lines[1:])
         assert list(options) == list("ABCDE") and len(set(options.values())) == 5
-        chosen, d = options[match.group(1)], by_name[r["disease"]]
+        letter = match.group(1)
+        # option by option up to the right one: each earlier option copied and rejected, the right one accepted
+        steps = r["output"].split("\n")[0].removeprefix("解析: 逐项分析，").split("；")
+        assert [f"{x}. {options[x]}：否" for x in "ABCDE"[:"ABCDE".index(letter)]] == steps[:-1]
+        assert steps[-1].startswith(f"{letter}. {options[letter]}：是，")
+        chosen, d = options[letter], by_name[r["disease"]]
         if r["pattern"] in ("mcq_symptom", "mcq_drug"):
             assert chosen == d["name"]
         elif r["pattern"] == "mcq_department":
