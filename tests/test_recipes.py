@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,28 @@ def test_missing_recipe(tmp_path):
 
 def test_empty_recipe_means_defaults(tmp_path):
     assert load_recipe(str(write(tmp_path, "# nothing yet\n"))) == {}
+
+
+def test_demo_reuses_an_adapter_only_of_the_same_recipe_and_data(tmp_path, tiny_adapter, tiny_records_file):
+    """`make demo` trains again when the recipe or the training data changed since the adapter was made."""
+    from medlora.demo import adapter_is_current
+    from medlora.io import file_sha256
+
+    meta = json.loads((tiny_adapter / "medlora.json").read_text(encoding="utf-8"))
+    data_path = meta["data_args"]["data_path"]
+    assert meta["data_sha256"] == {data_path: file_sha256(tiny_records_file)}  # what training records
+    data = tmp_path / "train.jsonl"
+    shutil.copy(tiny_records_file, data)
+    adapter = Path(shutil.copytree(tiny_adapter, tmp_path / "adapter"))
+    meta["data_args"]["data_path"] = str(data)
+    meta["data_sha256"] = {str(data): file_sha256(data)}
+    (adapter / "medlora.json").write_text(json.dumps(meta), encoding="utf-8")
+    recipe = write(tmp_path, f"base_model: {meta['base_model']}\ndata_path: {data}\nlora_r: {meta['lora_args']['lora_r']}\n")
+    assert adapter_is_current(adapter, recipe)
+    assert not adapter_is_current(adapter, write(tmp_path, f"data_path: {data}\nlora_r: 64\n"))  # another recipe
+    data.write_text(data.read_text(encoding="utf-8") + data.read_text(encoding="utf-8"), encoding="utf-8")
+    assert not adapter_is_current(adapter, recipe)  # the same recipe over rebuilt data
+    del meta["data_sha256"]
+    (adapter / "medlora.json").write_text(json.dumps(meta), encoding="utf-8")
+    shutil.copy(tiny_records_file, data)
+    assert not adapter_is_current(adapter, recipe)  # an adapter from before data hashes were recorded

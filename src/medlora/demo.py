@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medlora import DISCLAIMER
 from medlora.cli import main as medlora
+from medlora.io import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "gemma3-270m-demo.yaml"
@@ -33,7 +34,12 @@ def adapter_is_current(adapter: Path, recipe: Path) -> bool:
     trained = {**meta.get("model_args", {}), **meta.get("data_args", {}), **meta.get("lora_args", {}),
                **meta.get("train_args", {})}
     wanted = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    return all(trained.get(key) == value for key, value in wanted.items())
+    if any(trained.get(key) != value for key, value in wanted.items()):
+        return False
+    # and from the very data (a rebuilt data/medqa must retrain); paths are as the recipe gives them, from the repo
+    data = [wanted.get(key) for key in ("data_path", "val_data_path") if wanted.get(key)]
+    current = {path: file_sha256(REPO / path) for path in data if (REPO / path).is_file()}
+    return bool(current) and meta.get("data_sha256") == current
 
 
 def run(retrain: bool = False, limit: int | None = None) -> int:

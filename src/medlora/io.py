@@ -32,6 +32,21 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_file_hashes(*paths: str) -> dict[str, str]:
+    """{path as given: sha256} for the given paths that are files (a dataset folder or hub name is left out)."""
+    return {path: file_sha256(path) for path in paths if path and Path(path).is_file()}
+
+
 def atomic_write_text(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")

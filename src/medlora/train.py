@@ -23,7 +23,8 @@ from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
-from medlora.io import atomic_write_text, remove_stale_staging, replace_folder_contents, staging_prefix
+from medlora.io import (atomic_write_text, data_file_hashes, remove_stale_staging, replace_folder_contents,
+                        staging_prefix)
 from medlora.modeling import (MEDLORA_META, attach_lora, load_base_model, load_tokenizer, model_fingerprint,
                               preflight_target_modules, resolve_dtype, resolve_model_path)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
@@ -222,6 +223,7 @@ def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args
         "template": template.to_dict(),
         "model_args": asdict(model_args),
         "data_args": asdict(data),
+        "data_sha256": data_file_hashes(data.data_path, data.val_data_path),
         "lora_args": asdict(lora),
         "train_args": asdict(args),
     }
