@@ -49,7 +49,9 @@ def template():
     return load_template(str(HUATUO / "med_template.json"))
 
 
-def worker_train(impl: str, n: int, out: str) -> dict:
+def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False) -> dict:
+    """One epoch over the first `n` records. `plain` (ours only): fp32 weights and no length grouping, the
+    reference's numerics and data order, with our loss; for checking that our loss path changes nothing."""
     from medlora.registry import prepare_builtin
 
     records = load_workload(n)
@@ -57,7 +59,7 @@ def worker_train(impl: str, n: int, out: str) -> dict:
         from ref_recipe import ref_train
 
         result = ref_train(str(prepare_builtin("gemma3-270m")), records, template(), out,
-                           SETTINGS["micro_batch_size"], SETTINGS["batch_size"], SETTINGS["learning_rate"])
+                           SETTINGS["micro_batch_size"], SETTINGS["batch_size"], SETTINGS["learning_rate"], seed)
     else:
         from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs
         from medlora.train import finetune
@@ -65,12 +67,13 @@ def worker_train(impl: str, n: int, out: str) -> dict:
         data_file = Path(out) / "train.jsonl"
         data_file.parent.mkdir(parents=True, exist_ok=True)
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        res = finetune(ModelArgs(base_model="gemma3-270m"),
+        res = finetune(ModelArgs(base_model="gemma3-270m", dtype="fp32" if plain else "auto"),
                        DataArgs(data_path=str(data_file), prompt_template=str(HUATUO / "med_template.json")),
                        LoraArgs(),
                        TrainArgs(output_dir=out, batch_size=SETTINGS["batch_size"], num_epochs=1,
                                  micro_batch_size=SETTINGS["micro_batch_size"], learning_rate=SETTINGS["learning_rate"],
-                                 save_steps=10**9, logging_steps=10**9, report_to="none"), echo=lambda *a: None)
+                                 save_steps=10**9, logging_steps=10**9, report_to="none", seed=seed,
+                                 group_by_length=not plain), echo=lambda *a: None)
         result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens}
     result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb())
     return result
@@ -204,6 +207,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small workload, one run each (< 10 min)")
     parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
     parser.add_argument("--write", default=None, help="write the markdown report here")
+    parser.add_argument("--loss-check", action="store_true",
+                        help="validation loss of our training over other seeds, and in the reference's numerics "
+                             "(fp32, no length grouping): how far apart two equally good runs land")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,6 +221,9 @@ def main() -> None:
         return
     runs = args.runs or (1 if args.quick else 3)
     n_train, n_infer, n_ref_infer = (32, 16, 4) if args.quick else (512, 64, 16)
+    if args.loss_check:
+        loss_check(n_train)
+        return
     raw = Path(args.write).with_suffix(".json") if args.write else None
     results = measure(runs, n_train, n_infer, n_ref_infer, raw)
     save_raw(results, raw)
@@ -247,6 +256,17 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), **versions()}
     return results
+
+
+def loss_check(n_train: int) -> None:
+    variants = [("ours", 1, False), ("ours", 2, False), ("ours", 42, True)]
+    with tempfile.TemporaryDirectory() as scratch:
+        for impl, seed, plain in variants:
+            out = f"{scratch}/{impl}-{seed}-{plain}"
+            train = run_worker("train", impl=impl, n=n_train, out=out, seed=seed, plain=plain)
+            val = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
+            print(json.dumps({"name": "val_loss", "impl": impl, "seed": seed, "plain": plain, **val,
+                              "train_seconds": train["seconds"]}), flush=True)
 
 
 def save_raw(results: dict, raw: Path | None) -> None:
