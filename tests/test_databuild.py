@@ -134,10 +134,12 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
         options = dict(line.split(". ", 1) for line in lines[1:])
         assert list(options) == list("ABCDE") and len(set(options.values())) == 5
         letter = match.group(1)
-        # option by option up to the right one: each earlier option copied and rejected, the right one accepted
-        steps = r["output"].split("\n")[0].removeprefix("解析: 逐项分析，").split("；")
+        # the fact, then option by option up to the right one: each earlier option copied and rejected
+        why, steps = r["output"].split("\n")[0].removeprefix("解析: ").split("逐项对照：")
+        steps = steps.removesuffix("。").split("；")
+        assert why.endswith("。") and options[letter] in why
         assert [f"{x}. {options[x]}：否" for x in "ABCDE"[:"ABCDE".index(letter)]] == steps[:-1]
-        assert steps[-1].startswith(f"{letter}. {options[letter]}：是，")
+        assert steps[-1] == f"{letter}. {options[letter]}：是"
         chosen, d = options[letter], by_name[r["disease"]]
         if r["pattern"] in ("mcq_symptom", "mcq_drug"):
             assert chosen == d["name"]

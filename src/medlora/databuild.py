@@ -238,13 +238,13 @@ def _mcq(rng: random.Random, question: str, correct: str, distractors: list[str]
     options.insert(position, correct)
     letters = "ABCDE"
     body = "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
-    # Option by option, up to the right one, then the letter. A small model cannot map an option it names back to
-    # its letter (it learns a letter prior instead), and "which disease has symptom X" asks a fact backwards. Here
-    # each step copies an option line from the question and checks it forwards (does this disease have X?), and the
-    # final letter is the one of the line it has just written. `答案: X` still ends the answer.
-    steps = [f"{letters[i]}. {options[i]}：否" for i in range(position)]
-    steps.append(f"{letters[position]}. {correct}：是，{why}")
-    return f"{question}\n{body}", f"解析: 逐项分析，{'；'.join(steps)}\n答案: {letters[position]}"
+    # The fact first, then option by option up to the one it names, then the letter. A small model that names the
+    # right option cannot map it back to its letter (it learns a favourite letter instead), and asked to judge each
+    # option before recalling anything it accepts the first one. Recalled first, each step is a comparison of an
+    # option copied from the question with the sentence just written, and the letter is the one of the line just
+    # written. `答案: X` still ends the answer.
+    steps = [f"{letters[i]}. {options[i]}：否" for i in range(position)] + [f"{letters[position]}. {correct}：是"]
+    return f"{question}\n{body}", f"解析: {why}逐项对照：{'；'.join(steps)}。\n答案: {letters[position]}"
 
 
 def _distinct(rng: random.Random, pool: list[str], k: int, avoid: list[str]) -> list[str] | None:
