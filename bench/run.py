@@ -226,7 +226,6 @@ def main() -> None:
         return
     raw = Path(args.write).with_suffix(".json") if args.write else None
     results = measure(runs, n_train, n_infer, n_ref_infer, raw)
-    save_raw(results, raw)
     for line in summary_lines(results):
         print(json.dumps(line))
     if args.write:
@@ -255,25 +254,25 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
             results["latency"].append(run_worker("latency"))
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), **versions()}
+    save_raw(results, raw)
     return results
 
 
 def loss_check(n_train: int) -> None:
-    variants = [("ours", 1, False), ("ours", 2, False), ("ours", 42, True)]
     with tempfile.TemporaryDirectory() as scratch:
-        for impl, seed, plain in variants:
-            out = f"{scratch}/{impl}-{seed}-{plain}"
-            train = run_worker("train", impl=impl, n=n_train, out=out, seed=seed, plain=plain)
+        for seed, plain in ((1, False), (2, False), (42, True)):
+            out = f"{scratch}/ours-{seed}-{plain}"
+            train = run_worker("train", impl="ours", n=n_train, out=out, seed=seed, plain=plain)
             val = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
-            print(json.dumps({"name": "val_loss", "impl": impl, "seed": seed, "plain": plain, **val,
+            print(json.dumps({"name": "val_loss", "impl": "ours", "seed": seed, "plain": plain, **val,
                               "train_seconds": train["seconds"]}), flush=True)
 
 
 def save_raw(results: dict, raw: Path | None) -> None:
+    from medlora.io import atomic_write_text
+
     if raw is not None:
-        tmp = raw.with_name(raw.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, raw)
+        atomic_write_text(raw, json.dumps(results, indent=1) + "\n")
 
 
 def versions() -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medlora import DISCLAIMER
 from medlora.cli import main as medlora
-from medlora.io import file_sha256
+from medlora.io import data_file_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "gemma3-270m-demo.yaml"
@@ -37,8 +37,7 @@ def adapter_is_current(adapter: Path, recipe: Path) -> bool:
     if any(trained.get(key) != value for key, value in wanted.items()):
         return False
     # and from the very data (a rebuilt data/medqa must retrain); paths are as the recipe gives them, from the repo
-    data = [wanted.get(key) for key in ("data_path", "val_data_path") if wanted.get(key)]
-    current = {path: file_sha256(REPO / path) for path in data if (REPO / path).is_file()}
+    current = data_file_hashes(wanted.get("data_path"), wanted.get("val_data_path"), root=REPO)
     return bool(current) and meta.get("data_sha256") == current
 
 

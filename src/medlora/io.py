@@ -42,9 +42,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def data_file_hashes(*paths: str) -> dict[str, str]:
-    """{path as given: sha256} for the given paths that are files (a dataset folder or hub name is left out)."""
-    return {path: file_sha256(path) for path in paths if path and Path(path).is_file()}
+def data_file_hashes(*paths: str, root: str | Path = ".") -> dict[str, str]:
+    """{path as given: sha256} for the given paths (relative ones taken from `root`) that are files (a dataset
+    folder or hub name is left out)."""
+    return {path: file_sha256(Path(root) / path) for path in paths if path and (Path(root) / path).is_file()}
 
 
 def atomic_write_text(target: str | Path, text: str) -> Path:
