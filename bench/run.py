@@ -49,9 +49,10 @@ def template():
     return load_template(str(HUATUO / "med_template.json"))
 
 
-def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False) -> dict:
+def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False, grouped: bool = True) -> dict:
     """One epoch over the first `n` records. `plain` (ours only): fp32 weights and no length grouping, the
-    reference's numerics and data order, with our loss; for checking that our loss path changes nothing."""
+    reference's numerics and data order, with our loss; for checking that our loss path changes nothing.
+    `grouped=False` (ours only): no length grouping, in our dtype."""
     from medlora.registry import prepare_builtin
 
     records = load_workload(n)
@@ -73,7 +74,7 @@ def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = Fals
                        TrainArgs(output_dir=out, batch_size=SETTINGS["batch_size"], num_epochs=1,
                                  micro_batch_size=SETTINGS["micro_batch_size"], learning_rate=SETTINGS["learning_rate"],
                                  save_steps=10**9, logging_steps=10**9, report_to="none", seed=seed,
-                                 group_by_length=not plain), echo=lambda *a: None)
+                                 group_by_length=grouped and not plain), echo=lambda *a: None)
         result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens}
     result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb())
     return result
@@ -210,6 +211,9 @@ def main() -> None:
     parser.add_argument("--loss-check", action="store_true",
                         help="validation loss of our training over other seeds, and in the reference's numerics "
                              "(fp32, no length grouping): how far apart two equally good runs land")
+    parser.add_argument("--variants", default="ours:1,ours:2,plain:42",
+                        help="with --loss-check: IMPL:SEED runs, IMPL one of ours, plain (ours in fp32 without length "
+                             "grouping), nogroup (ours in bf16 without length grouping), ref")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,7 +226,7 @@ def main() -> None:
     runs = args.runs or (1 if args.quick else 3)
     n_train, n_infer, n_ref_infer = (32, 16, 4) if args.quick else (512, 64, 16)
     if args.loss_check:
-        loss_check(n_train)
+        loss_check(n_train, args.variants)
         return
     raw = Path(args.write).with_suffix(".json") if args.write else None
     results = measure(runs, n_train, n_infer, n_ref_infer, raw)
@@ -258,13 +262,17 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
     return results
 
 
-def loss_check(n_train: int) -> None:
+def loss_check(n_train: int, variants: str) -> None:
+    """Validation loss of other seeds and numerics, to size what a seed alone moves (see --variants)."""
     with tempfile.TemporaryDirectory() as scratch:
-        for seed, plain in ((1, False), (2, False), (42, True)):
-            out = f"{scratch}/ours-{seed}-{plain}"
-            train = run_worker("train", impl="ours", n=n_train, out=out, seed=seed, plain=plain)
+        for variant in variants.split(","):
+            impl, seed = variant.split(":")
+            out = f"{scratch}/{impl}-{seed}"
+            kwargs = {"impl": "ref"} if impl == "ref" else {"impl": "ours", "plain": impl == "plain",
+                                                            "grouped": impl == "ours"}
+            train = run_worker("train", n=n_train, out=out, seed=int(seed), **kwargs)
             val = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
-            print(json.dumps({"name": "val_loss", "impl": "ours", "seed": seed, "plain": plain, **val,
+            print(json.dumps({"name": "val_loss", "variant": impl, "seed": int(seed), **val,
                               "train_seconds": train["seconds"]}), flush=True)
 
 
