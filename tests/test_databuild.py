@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medlora.databuild import (CHAPTERS, MCQ_PATTERNS, build_dataset, build_records, build_tagged,
-                               load_knowledge_base)
+from medlora.databuild import (CHAPTERS, MCQ_PATTERNS, TRAIN_ONLY_PATTERNS, build_dataset, build_records,
+                               build_tagged, load_knowledge_base)
 from medlora.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +134,9 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
         options = dict(line.split(". ", 1) for line in lines[1:])
         assert list(options) == list("ABCDE") and len(set(options.values())) == 5
         letter = match.group(1)
-        # the fact, then option by option up to the right one: each earlier option copied and rejected
-        why, steps = r["output"].split("\n")[0].removeprefix("解析: ").split("逐项对照：")
-        steps = steps.removesuffix("。").split("；")
-        assert why.endswith("。") and options[letter] in why
-        assert [f"{x}. {options[x]}：否" for x in "ABCDE"[:"ABCDE".index(letter)]] == steps[:-1]
-        assert steps[-1] == f"{letter}. {options[letter]}：是"
+        # the fact, naming the option in its exact words, then that option's letter
+        why, step = r["output"].split("\n")[0].removeprefix("解析: ").rsplit("。", 2)[:2]
+        assert options[letter] in why and step == f"{options[letter]}是选项{letter}"
         chosen, d = options[letter], by_name[r["disease"]]
         if r["pattern"] in ("mcq_symptom", "mcq_drug"):
             assert chosen == d["name"]
@@ -167,9 +164,23 @@ def test_training_mcqs_come_in_variants_with_spread_answer_letters(tagged):
     assert Counter((r["disease"], r["pattern"]) for r in held_out).most_common(1)[0][1] == 1
 
 
+def test_lookup_drills_are_training_only_and_point_at_the_named_option(tagged):
+    drills = [r for r in tagged if r["pattern"] in TRAIN_ONLY_PATTERNS]
+    assert len(drills) >= 250 and {r["split"] for r in drills} == {"train"}
+    letters = Counter()
+    for r in drills:
+        named = re.search(r"“(.+)”", r["instruction"]).group(1)
+        options = dict(line.split(". ", 1) for line in r["instruction"].split("\n")[1:])
+        letter = MCQ_OUTPUT.match(r["output"]).group(1)
+        assert list(options.values()).count(named) == 1 and options[letter] == named
+        assert r["output"] == f"解析: {named}是选项{letter}。\n答案: {letter}"
+        letters[letter] += 1
+    assert len(letters) == 5
+
+
 def test_outputs_end_with_a_full_stop(tagged):
     for r in tagged:
-        if r["pattern"] not in MCQ_PATTERNS:
+        if r["pattern"] not in MCQ_PATTERNS | set(TRAIN_ONLY_PATTERNS):
             assert r["output"].endswith("。"), r
 
 

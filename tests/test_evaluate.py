@@ -75,7 +75,9 @@ QUESTION = "肝炎双重感染最可能的并发症是？\nA. 肝癌\nB. 胆囊�
     ("（C）肝硬化", "C"),
     ("应选 D。", "D"),
     ("答案应为E", "E"),
-    ("解析: 最常见的是肝硬化。逐项对照：A. 肝癌：否；B. 胆囊炎：否；C. 肝硬化：是。\n答案: C", "C"),  # the built-in form
+    ("解析: 最常见的是肝硬化。逐项对照：A. 肝癌：否；B. 胆囊炎：否；C. 肝硬化：是。\n答案: C", "C"),  # an earlier form
+    ("解析: 乙肝最常见的后果之一是肝硬化。肝硬化是选项C。\n答案: C", "C"),  # the built-in form
+    ("解析: 乙肝最常见的后果之一是肝硬化。肝硬化是选项C。", "C"),  # cut off before 答案
     ("解析: 逐项对照：A. 肝癌：否；B. 胆囊炎：否；C. 肝硬化：是", None),  # cut off before the letter: 3 options named
     ("ｃ", None),                 # lower case is not an option letter
     ("肝硬化", "C"),               # names only the option text
@@ -107,6 +109,7 @@ def test_parse_options_on_lines_and_inline():
     ("答案：D", "", "D"),
     ("解析: 双重感染易致肝硬化，少数发展为肝癌。\n答案: C", QUESTION, "C"),  # reason first, two options named
     ("解析: 最常见的是肝硬化。逐项对照：A. 肝癌：否；B. 胆囊炎：否；C. 肝硬化：是。\n答案: C", QUESTION, "C"),
+    ("解析: 双重感染易致肝癌。肝硬化是选项C。\n答案: C", QUESTION, "C"),  # the built-in form
     ("C. 肝硬化", "", "C"),
     ("肝硬化是最常见的并发症", QUESTION, "C"),
     ("肝硬化是最常见的并发症", "", None),

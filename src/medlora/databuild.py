@@ -52,6 +52,7 @@ KNOWN_KEYS = set(STRING_FIELDS) | set(REQUIRED_LISTS) | set(OPTIONAL_LISTS)
 SPLITS = ("train", "valid", "test")
 TEST_SHARE, VALID_SHARE, MCQ_TEST_SHARE, MIN_MCQ_TEST = 0.08, 0.04, 0.20, 60
 MCQ_TRAIN_VARIANTS = 3  # each training MCQ pair also as 2 more variants (wording, distractors, answer letter)
+LOOKUP_DRILLS = 2  # training-only records per disease that drill the MCQ answer's look-up step (option text -> letter)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -236,15 +237,20 @@ def _mcq(rng: random.Random, question: str, correct: str, distractors: list[str]
     options = list(distractors[:4])
     position = rng.randrange(5)
     options.insert(position, correct)
-    letters = "ABCDE"
-    body = "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
-    # The fact first, then option by option up to the one it names, then the letter. A small model that names the
-    # right option cannot map it back to its letter (it learns a favourite letter instead), and asked to judge each
-    # option before recalling anything it accepts the first one. Recalled first, each step is a comparison of an
-    # option copied from the question with the sentence just written, and the letter is the one of the line just
-    # written. `答案: X` still ends the answer.
-    steps = [f"{letters[i]}. {options[i]}：否" for i in range(position)] + [f"{letters[position]}. {correct}：是"]
-    return f"{question}\n{body}", f"解析: {why}逐项对照：{'；'.join(steps)}。\n答案: {letters[position]}"
+    return f"{question}\n{_option_lines(options)}", _mcq_answer(why, correct, "ABCDE"[position])
+
+
+def _option_lines(options: list[str]) -> str:
+    return "\n".join(f"{letter}. {option}" for letter, option in zip("ABCDE", options))
+
+
+def _mcq_answer(why: str, chosen: str, letter: str) -> str:
+    """The fact, which names the chosen option in its exact words; then that option's letter (`X是选项B。`); then
+    `答案: B`. Each step is one small skill: recall (the fact), copy (the option text out of the fact), look-up (the
+    letter of the line holding that text, drilled by the `lookup` records) and copy again. Earlier forms asked a
+    small model for the letter straight after its reason (it wrote a favourite letter) or for a 是/否 on each option
+    (it learned where the 是 usually falls, not what it meant)."""
+    return f"解析: {why}{chosen}是选项{letter}。\n答案: {letter}"
 
 
 def _distinct(rng: random.Random, pool: list[str], k: int, avoid: list[str]) -> list[str] | None:
@@ -504,7 +510,22 @@ def _mcq_cause(ix, d, rng):
         return None
     q = _pick(rng, ["下列哪项是{d}的常见病因？", "{d}主要与下列哪种因素有关？", "关于{d}的病因，下列哪项正确？"],
               d=d["name"])
-    return _mcq(rng, q, correct, distractors, f"{d['name']}的常见病因包括{_join(d['causes'])}。")
+    return _mcq(rng, q, correct, distractors, f"{d['name']}的常见病因之一是{correct}。")
+
+
+def _lookup(ix, d, rng):
+    """Training-only drill of the MCQ answer's look-up step: which letter holds a given option text. Options are
+    this disease's name or department among others of the same kind; no medical knowledge is asked."""
+    kind = rng.choice(["name", "department"])
+    pool = [o["name"] for o in ix.others(d)] if kind == "name" else [k for k in ix.departments if k != d["department"]]
+    distractors = _distinct(rng, pool, 4, [d[kind]])
+    if distractors is None:
+        return None
+    options = distractors
+    position = rng.randrange(5)
+    options.insert(position, d[kind])
+    q = _pick(rng, ["下列选项中，哪一项是“{x}”？", "“{x}”是下列哪个选项？", "请找出“{x}”对应的选项。"], x=d[kind])
+    return f"{q}\n{_option_lines(options)}", _mcq_answer("", d[kind], "ABCDE"[position])
 
 
 def _compare_cause(ix, d, rng):
@@ -604,6 +625,7 @@ PATTERNS = {
     "prevention_advice": _prevention_advice,
 }
 MCQ_PATTERNS = frozenset(p for p in PATTERNS if p.startswith("mcq_"))
+TRAIN_ONLY_PATTERNS = {"lookup": _lookup}  # drills, not knowledge: never in valid or test
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -647,7 +669,20 @@ def build_tagged(diseases: list[dict], seed: int = 42) -> list[dict]:
             tagged.append({"disease": disease["name"], "pattern": pattern, "instruction": instruction,
                            "input": "", "output": output})
     _assign_splits(tagged, seed)
-    return tagged + _mcq_variants(ix, diseases, tagged, seed)
+    return tagged + _mcq_variants(ix, diseases, tagged, seed) + _drills(ix, diseases, seed)
+
+
+def _drills(ix, diseases: list[dict], seed: int) -> list[dict]:
+    """LOOKUP_DRILLS records of each TRAIN_ONLY_PATTERNS pattern per disease, all in the training split."""
+    drills = []
+    for disease in diseases:
+        for pattern, build in TRAIN_ONLY_PATTERNS.items():
+            for k in range(LOOKUP_DRILLS):
+                made = build(ix, disease, random.Random(f"{seed}\x1f{disease['name']}\x1f{pattern}\x1f{k}"))
+                if made is not None:
+                    drills.append({"disease": disease["name"], "pattern": pattern, "instruction": made[0],
+                                   "input": "", "output": made[1], "split": "train"})
+    return drills
 
 
 def _mcq_variants(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[dict]:
