@@ -138,3 +138,27 @@ def test_busy_cores_sees_another_process_and_threads_leave_it_alone(monkeypatch)
         assert modeling.configure_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_repetition_penalty_counts_the_answers_tokens_not_the_prompts(tiny_model, tiny_adapter):
+    generator = Generator.load(tiny_model, str(tiny_adapter), dtype="fp32")
+    prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in TINY_RECORDS[:2]]
+    encoded = generator._encode(prompts)  # left-padded: the two prompts differ in length
+
+    def scores(penalty: float) -> list[torch.Tensor]:
+        kwargs = generator._generate_kwargs(GenerationArgs(max_new_tokens=2, repetition_penalty=penalty),
+                                            encoded["input_ids"].shape[1])
+        return generator.model.generate(**encoded, **kwargs, output_scores=True, return_dict_in_generate=True).scores
+
+    plain, penalised = scores(1.0), scores(1e4)
+    assert torch.equal(plain[0], penalised[0])  # nothing generated yet: the prompt's tokens are not penalised
+    first = plain[0].argmax(-1)
+    rows = torch.arange(len(prompts))
+    assert torch.all(penalised[1][rows, first] < plain[1][rows, first])  # the answer's own token is pushed down
+    # Every answer token distinct under a prohibitive penalty, through the public API (batched and streamed).
+    answers = generator.generate(prompts, GenerationArgs(max_new_tokens=16, repetition_penalty=1e4), batch_size=2)
+    for answer in answers:
+        ids = generator.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(set(ids)) > 0
+    streamed = "".join(generator.stream(prompts[0], GenerationArgs(max_new_tokens=16, repetition_penalty=1e4)))
+    assert streamed == answers[0].text

@@ -81,7 +81,8 @@ class GenerationArgs:
     top_p: float = opt(0.75, "nucleus sampling threshold (with --do_sample)")
     top_k: int = opt(40, "top-k sampling (with --do_sample)")
     num_beams: int = opt(1, "beam search width (the seed used 4)")
-    repetition_penalty: float = opt(1.0, "penalty on repeated tokens (1.0 = none)")
+    repetition_penalty: float = opt(1.0, "penalty on tokens the answer already holds (the prompt's are not "
+                                         "counted); 1.0 = none")
 
     def to_generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
@@ -95,6 +96,8 @@ class GenerationArgs:
             raise ConfigError("--max_new_tokens must be at least 1")
         if self.num_beams < 1:
             raise ConfigError("--num_beams must be at least 1")
+        if not self.repetition_penalty > 0:
+            raise ConfigError("--repetition_penalty must be above 0 (1.0 = none)")
 
 
 def str2bool(value: str | bool) -> bool:

@@ -114,9 +114,18 @@ class Generator:
         return self.tokenizer(prompts, return_tensors="pt", padding=True,
                               add_special_tokens=not self.template.use_chat_template).to(self.device)
 
-    def _generate_kwargs(self, gen: GenerationArgs) -> dict:
+    def _generate_kwargs(self, gen: GenerationArgs, prompt_width: int) -> dict:
+        """generate()'s arguments for prompts left-padded to `prompt_width` tokens."""
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
         kwargs = gen.to_generate_kwargs()
         kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
+        penalty = kwargs.pop("repetition_penalty")
+        if penalty != 1.0:
+            # On the answer's own tokens only: transformers' built-in penalty also counts the prompt's, which
+            # discourages an answer from using the question's terms (a disease's name, an option's text).
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_width)])
         if self.template.stop_strings:
             from transformers import StoppingCriteriaList
 
@@ -153,7 +162,7 @@ class Generator:
     def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
         encoded = self._encode(prompts)
         started = time.perf_counter()
-        output = self.model.generate(**encoded, **self._generate_kwargs(gen))
+        output = self.model.generate(**encoded, **self._generate_kwargs(gen, encoded["input_ids"].shape[1]))
         seconds = (time.perf_counter() - started) / len(prompts)
         new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
         return [self._to_answer(tokens, seconds) for tokens in new_tokens]
@@ -179,7 +188,8 @@ class Generator:
 
         stop_event = stop_event or threading.Event()
         streamer = CountingStreamer(self.tokenizer, self.eos_ids)
-        kwargs = dict(**self._encode([prompt]), **self._generate_kwargs(gen), streamer=streamer)
+        encoded = self._encode([prompt])
+        kwargs = dict(**encoded, **self._generate_kwargs(gen, encoded["input_ids"].shape[1]), streamer=streamer)
         kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), StopOnEvent(stop_event)])
         errors = []
 
