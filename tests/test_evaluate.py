@@ -169,6 +169,10 @@ def test_eval_writes_metrics_and_reports(evaluated, tiny_adapter):
     for name in ("report.html", "report.md", "base/results.jsonl", f"{tuned}/results.jsonl"):
         assert (out / name).is_file(), name
     assert "###model output###" in proc.stdout and "ROUGE-L" in proc.stdout
+    # the report says how the answers were generated
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "max_new_tokens 24" in html and "repetition_penalty 1.0" in html
+    assert r"max\_new\_tokens 24" in (out / "report.md").read_text(encoding="utf-8")  # markdown-escaped
 
 
 def test_eval_rescores_results_files_identically(evaluated, tiny_adapter, tmp_path):

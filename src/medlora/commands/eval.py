@@ -147,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
                 print(format_block(row), flush=True)
     atomic_write_text(out / METRICS, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     source = args.data or ", ".join(path for _, path in result_files)
-    written = write_report(out, metrics, rows_by_label, args.train_dir, subtitle=f"records: {source}")
+    subtitle = f"records: {source}"
+    if models:  # how the answers were generated, so that the figures can be reproduced
+        subtitle += "; generation: " + ", ".join(f"{k} {v}" for k, v in generation_args(args).to_generate_kwargs().items())
+    written = write_report(out, metrics, rows_by_label, args.train_dir, subtitle=subtitle)
     print_metrics_table(metrics)
     log.info("eval: wrote %s", ", ".join(str(p) for p in [out / METRICS, *written.values()]))
     return 0
