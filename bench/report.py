@@ -22,6 +22,15 @@ def _spread(values) -> str:
     return f"{_fmt(min(values))} / {_fmt(statistics.median(values))} / {_fmt(max(values))}"
 
 
+def _dates(results: dict) -> list[str]:
+    """A line saying when each part was measured, when the parts come from different runs (--parts/--reuse)."""
+    measured = results.get("measured", {})
+    if len(set(measured.values())) <= 1:
+        return []
+    return ["Parts measured in different runs (`--parts`, `--reuse`): "
+            + "; ".join(f"{part} {when}" for part, when in measured.items()) + ".", ""]
+
+
 def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict, workload: dict) -> None:
     train, infer = results["train"], results["infer"]
     rows = [
@@ -51,6 +60,7 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
         f"{workload['n_ref_infer']} for the reference's per-record loop (answers/s is per record), "
         f"max_new_tokens {settings['max_new_tokens']}. {workload['runs']} run(s) each, alternating.",
         "",
+        *_dates(results),
         "| measure | ours min / median / max | reference min / median / max | ratio (medians) |",
         "|---|---|---|---|",
     ]

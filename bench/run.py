@@ -214,6 +214,10 @@ def main() -> None:
     parser.add_argument("--variants", default="ours:1,ours:2,plain:42,grouped:42",
                         help="with --loss-check: IMPL:SEED runs, IMPL one of ours (medlora's defaults), plain (ours in "
                              "fp32), grouped (ours with length-grouped batches), ref")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"what to measure, a comma list of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--reuse", default=None,
+                        help="raw figures (a benchmarks.json written earlier) to take the parts not measured from")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,8 +232,12 @@ def main() -> None:
     if args.loss_check:
         loss_check(n_train, args.variants)
         return
+    parts = [part for part in args.parts.split(",") if part]
+    if set(parts) - set(PARTS) or (set(parts) != set(PARTS) and not args.reuse):
+        parser.error(f"--parts takes {', '.join(PARTS)}; measuring only some of them needs --reuse FILE")
+    earlier = json.loads(Path(args.reuse).read_text(encoding="utf-8")) if args.reuse else {}
     raw = Path(args.write).with_suffix(".json") if args.write else None
-    results = measure(runs, n_train, n_infer, n_ref_infer, raw)
+    results = measure(runs, n_train, n_infer, n_ref_infer, raw, parts, earlier)
     for line in summary_lines(results):
         print(json.dumps(line))
     if args.write:
@@ -239,23 +247,39 @@ def main() -> None:
                        {"runs": runs, "n_train": n_train, "n_infer": n_infer, "n_ref_infer": n_ref_infer})
 
 
-def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path | None = None) -> dict:
+PARTS = ("train", "infer", "latency")
+
+
+def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path | None = None,
+            parts=PARTS, earlier: dict | None = None) -> dict:
     """Every worker's figures; with `raw`, they are also saved there after each worker, so a long run that stops
-    half-way keeps what it measured."""
+    half-way keeps what it measured. Parts not in `parts` are taken from `earlier` (an earlier run's raw figures);
+    `measured` records the date of each part's figures."""
+    today = time.strftime("%Y-%m-%d %H:%M")
+    earlier = earlier or {}
     results = {"peak": run_worker("peak"), "train": {"ours": [], "ref": []}, "val": {},
-               "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": []}
+               "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": [], "measured": {}}
+    for part in PARTS:
+        if part in parts:
+            results["measured"][part] = today
+        else:
+            results[part] = earlier[part]
+            results["measured"][part] = earlier.get("measured", {}).get(part, "an earlier run")
+            if part == "train":
+                results["val"] = earlier["val"]
     with tempfile.TemporaryDirectory() as scratch:
         for run in range(runs):
-            for impl in ("ref", "ours"):
+            for impl in ("ref", "ours") if "train" in parts else ():
                 out = f"{scratch}/{impl}-{run}"
                 results["train"][impl].append(run_worker("train", impl=impl, n=n_train, out=out))
                 if run == 0:
                     results["val"][impl] = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
                 save_raw(results, raw)
-            for impl, n in (("ref", n_ref_infer), ("ours", n_infer), ("ours-beam", n_infer)):
+            for impl, n in (("ref", n_ref_infer), ("ours", n_infer), ("ours-beam", n_infer)) if "infer" in parts else ():
                 results["infer"][impl].append(run_worker("infer", impl=impl, n=n))
                 save_raw(results, raw)
-            results["latency"].append(run_worker("latency"))
+            if "latency" in parts:
+                results["latency"].append(run_worker("latency"))
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), **versions()}
     save_raw(results, raw)
