@@ -119,6 +119,19 @@ def test_sampling_and_stop_strings(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_penalties_reach_the_generation_settings():
+    from medlora.serve.api import generation_args
+    from medlora.serve.engine import ServeSettings
+    from medlora.serve.schemas import ChatCompletionRequest as ChatRequest
+
+    greedy = generation_args(ChatRequest(**_chat(frequency_penalty=0.5, presence_penalty=-0.25)), ServeSettings())
+    sampled = generation_args(ChatRequest(**_chat(frequency_penalty=1, temperature=0.7)), ServeSettings())
+    plain = generation_args(ChatRequest(**_chat()), ServeSettings())
+    assert (greedy.frequency_penalty, greedy.presence_penalty, greedy.do_sample) == (0.5, -0.25, False)
+    assert (sampled.frequency_penalty, sampled.do_sample) == (1, True)
+    assert (plain.frequency_penalty, plain.presence_penalty) == (0.0, 0.0)
+
+
 def test_requests_without_the_key_get_401(server):
     url = server[0]
     assert_openai_error(httpx.get(f"{url}/v1/models"), 401)
@@ -137,6 +150,7 @@ BAD_REQUESTS = {
     "max_tokens over cap": (_chat(max_tokens=CAP + 1), 400),
     "max_tokens zero": (_chat(max_tokens=0), 400),
     "n above one": (_chat(n=2), 400),
+    "frequency_penalty out of range": (_chat(frequency_penalty=2.5), 400),
     "wrong types": ({"model": "tuned", "messages": "hi"}, 400),
     "missing messages": ({"model": "tuned"}, 400),
     "unknown model": (_chat(model="gpt-4"), 404),

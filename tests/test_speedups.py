@@ -162,3 +162,28 @@ def test_repetition_penalty_counts_the_answers_tokens_not_the_prompts(tiny_model
         assert len(ids) == len(set(ids)) > 0
     streamed = "".join(generator.stream(prompts[0], GenerationArgs(max_new_tokens=16, repetition_penalty=1e4)))
     assert streamed == answers[0].text
+
+
+def test_frequency_and_presence_penalties_count_the_answers_tokens():
+    from medlora.generate import AnswerCountPenalty
+
+    prompt = torch.tensor([[5, 5, 5, 7]])
+    scores = torch.zeros(1, 10)
+    assert torch.equal(AnswerCountPenalty(4, 0.5, 0.25)(prompt, scores.clone()), scores)  # the prompt is not counted
+    with_answer = torch.cat([prompt, torch.tensor([[3, 3, 3, 7]])], dim=1)
+    out = AnswerCountPenalty(4, 0.5, 0.25)(with_answer, scores.clone())
+    assert out[0, 3] == -(3 * 0.5 + 0.25) and out[0, 7] == -(0.5 + 0.25) and out[0, 5] == 0 and out[0, 0] == 0
+
+
+def test_frequency_and_presence_penalties_through_generate(tiny_model):
+    generator = Generator.load(tiny_model, dtype="fp32")
+    encoded = generator._encode(["短问题", "一个长得多的问题，需要更多的词元"])  # left-padded
+
+    def scores(**penalties) -> tuple:
+        kwargs = generator._generate_kwargs(GenerationArgs(max_new_tokens=2, **penalties), encoded["input_ids"].shape[1])
+        return generator.model.generate(**encoded, **kwargs, output_scores=True, return_dict_in_generate=True).scores
+
+    plain, penalised = scores(), scores(frequency_penalty=1.5, presence_penalty=0.5)
+    assert torch.equal(plain[0], penalised[0])
+    first, rows = plain[0].argmax(-1), torch.arange(2)
+    assert torch.allclose(penalised[1][rows, first], plain[1][rows, first] - 2.0)

@@ -84,10 +84,16 @@ class GenerationArgs:
     num_beams: int = opt(1, "beam search width (the seed used 4)")
     repetition_penalty: float = opt(1.0, "penalty on tokens the answer already holds (the prompt's are not "
                                          "counted); 1.0 = none")
+    frequency_penalty: float = opt(0.0, "subtracted from a token's logit once per time the answer already holds it "
+                                        "(OpenAI's frequency_penalty; the prompt is not counted); 0 = none")
+    presence_penalty: float = opt(0.0, "subtracted from the logit of every token the answer already holds "
+                                       "(OpenAI's presence_penalty); 0 = none")
 
     def to_generate_kwargs(self) -> dict:
+        """generate()'s sampling arguments; the three penalties are applied by medlora.generate, on the answer."""
         kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                  "repetition_penalty": self.repetition_penalty, "do_sample": self.do_sample}
+                  "repetition_penalty": self.repetition_penalty, "frequency_penalty": self.frequency_penalty,
+                  "presence_penalty": self.presence_penalty, "do_sample": self.do_sample}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kwargs
@@ -99,6 +105,8 @@ class GenerationArgs:
             raise ConfigError("--num_beams must be at least 1")
         if not self.repetition_penalty > 0:
             raise ConfigError("--repetition_penalty must be above 0 (1.0 = none)")
+        if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
+            raise ConfigError("--frequency_penalty and --presence_penalty must be between -2 and 2 (0 = none)")
 
 
 def str2bool(value: str | bool) -> bool:

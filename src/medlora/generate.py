@@ -22,6 +22,22 @@ from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_
 from medlora.templates import Template, load_template
 
 
+class AnswerCountPenalty:
+    """OpenAI's frequency and presence penalties on the answer's tokens (columns from `prompt_width` on): a token's
+    logit loses `frequency` per time the answer already holds it, and `presence` once if it holds it at all. A list
+    caught in a loop (`贫血、贫血、…`) is pushed out of it more with every turn."""
+
+    def __init__(self, prompt_width: int, frequency: float, presence: float):
+        self.prompt_width, self.frequency, self.presence = prompt_width, frequency, presence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = input_ids[:, self.prompt_width:]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
 @dataclass
 class Answer:
     text: str
@@ -120,12 +136,18 @@ class Generator:
 
         kwargs = gen.to_generate_kwargs()
         kwargs.update(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
-        penalty = kwargs.pop("repetition_penalty")
-        if penalty != 1.0:
-            # On the answer's own tokens only: transformers' built-in penalty also counts the prompt's, which
-            # discourages an answer from using the question's terms (a disease's name, an option's text).
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_width)])
+        # The penalties count the answer's own tokens only: transformers' built-in repetition penalty also counts
+        # the prompt's, which discourages an answer from using the question's terms (a disease, an option's text).
+        processors = LogitsProcessorList()
+        repetition, frequency, presence = (kwargs.pop(key) for key in
+                                           ("repetition_penalty", "frequency_penalty", "presence_penalty"))
+        kwargs["repetition_penalty"] = 1.0  # over a model's own generation_config (Qwen's chat models set 1.1)
+        if repetition != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition, prompt_ignore_length=prompt_width))
+        if frequency or presence:
+            processors.append(AnswerCountPenalty(prompt_width, frequency, presence))
+        if processors:
+            kwargs["logits_processor"] = processors
         if self.template.stop_strings:
             from transformers import StoppingCriteriaList
 

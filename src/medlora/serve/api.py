@@ -45,11 +45,12 @@ def generation_args(body: SamplingFields, settings: ServeSettings) -> Generation
                        param="max_tokens", code="max_tokens_exceeded")
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    penalties = {"frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0}
     if not body.temperature:
-        return GenerationArgs(max_new_tokens=max_tokens)
+        return GenerationArgs(max_new_tokens=max_tokens, **penalties)
     top_p = 1.0 if body.top_p is None else body.top_p
     return GenerationArgs(max_new_tokens=max_tokens, do_sample=True, temperature=body.temperature, top_p=top_p,
-                          top_k=0)  # top_k=0: no top-k cut, as in OpenAI's API
+                          top_k=0, **penalties)  # top_k=0: no top-k cut, as in OpenAI's API
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

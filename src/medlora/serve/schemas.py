@@ -10,7 +10,7 @@ MAX_STOP_STRINGS = 4
 
 
 class _Lenient(BaseModel):
-    """Unknown OpenAI fields (user, seed, presence_penalty, ...) are accepted and ignored."""
+    """Unknown OpenAI fields (user, seed, logit_bias, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -34,6 +34,10 @@ class SamplingFields(_Lenient):
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (1 to the server's cap)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy; above 0: sampling")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling threshold, with temperature > 0")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from a token's logit per "
+                                            "time the answer already holds it (the prompt is not counted)")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from the logit of every "
+                                           "token the answer already holds")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
     n: int | None = Field(None, description="number of answers; only 1 is supported")
     stream: bool = Field(False, description="answer as server-sent events ending with `data: [DONE]`")
