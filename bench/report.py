@@ -77,6 +77,7 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
         "",
         f"Interactive latency (one streamed answer, 64 new tokens): time to first token "
         f"{by_name['latency_ttft']['ours']:.2f} s, {by_name['latency_stream']['ours']:.1f} tokens/s.",
+        *_hand_written("benchmarks-targets.md"),
         "",
         "Raw lines (`bench/run.py` output):",
         "",
@@ -84,7 +85,11 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
         *[json.dumps(line) for line in lines],
         "```",
     ]
-    extra = REPO / "docs" / "benchmarks-extra.md"
-    if extra.is_file():
-        out += ["", extra.read_text(encoding="utf-8").rstrip()]
+    out += _hand_written("benchmarks-extra.md")
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+def _hand_written(name: str) -> list[str]:
+    """A hand-written part of the page (docs/NAME: the analysis against the targets, other benchmarks), if any."""
+    page = REPO / "docs" / name
+    return ["", page.read_text(encoding="utf-8").rstrip()] if page.is_file() else []
