@@ -4,7 +4,8 @@
 one record `{"instruction", "input": "", "output"}`: single facts, multi-fact answers, patient vignettes, reverse
 lookups, five-option multiple choice, comparisons, department triage, true/false judgements and prevention advice.
 Outputs are built only from KB facts. Each pair goes to one split by a seeded hash, so the (disease, pattern)
-combinations of the test split never occur in train or valid. Same seed → byte-identical files.
+combinations of the test split never occur in train or valid. Training also gets drills that ask no medical
+knowledge (TRAIN_ONLY_PATTERNS: the look-up step of a multiple-choice answer). Same seed → byte-identical files.
 """
 
 from __future__ import annotations
