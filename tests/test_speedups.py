@@ -140,17 +140,17 @@ def test_busy_cores_sees_another_process_and_threads_leave_it_alone(monkeypatch)
         torch.set_num_threads(before)
 
 
+def _two_steps(generator, encoded, **penalties) -> tuple:
+    """The processed scores of two greedy steps for `encoded` prompts, with the Generator's penalties."""
+    kwargs = generator._generate_kwargs(GenerationArgs(max_new_tokens=2, **penalties), encoded["input_ids"].shape[1])
+    return generator.model.generate(**encoded, **kwargs, output_scores=True, return_dict_in_generate=True).scores
+
+
 def test_repetition_penalty_counts_the_answers_tokens_not_the_prompts(tiny_model, tiny_adapter):
     generator = Generator.load(tiny_model, str(tiny_adapter), dtype="fp32")
     prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in TINY_RECORDS[:2]]
     encoded = generator._encode(prompts)  # left-padded: the two prompts differ in length
-
-    def scores(penalty: float) -> list[torch.Tensor]:
-        kwargs = generator._generate_kwargs(GenerationArgs(max_new_tokens=2, repetition_penalty=penalty),
-                                            encoded["input_ids"].shape[1])
-        return generator.model.generate(**encoded, **kwargs, output_scores=True, return_dict_in_generate=True).scores
-
-    plain, penalised = scores(1.0), scores(1e4)
+    plain, penalised = _two_steps(generator, encoded), _two_steps(generator, encoded, repetition_penalty=1e4)
     assert torch.equal(plain[0], penalised[0])  # nothing generated yet: the prompt's tokens are not penalised
     first = plain[0].argmax(-1)
     rows = torch.arange(len(prompts))
@@ -178,12 +178,8 @@ def test_frequency_and_presence_penalties_count_the_answers_tokens():
 def test_frequency_and_presence_penalties_through_generate(tiny_model):
     generator = Generator.load(tiny_model, dtype="fp32")
     encoded = generator._encode(["短问题", "一个长得多的问题，需要更多的词元"])  # left-padded
-
-    def scores(**penalties) -> tuple:
-        kwargs = generator._generate_kwargs(GenerationArgs(max_new_tokens=2, **penalties), encoded["input_ids"].shape[1])
-        return generator.model.generate(**encoded, **kwargs, output_scores=True, return_dict_in_generate=True).scores
-
-    plain, penalised = scores(), scores(frequency_penalty=1.5, presence_penalty=0.5)
+    plain, penalised = _two_steps(generator, encoded), _two_steps(generator, encoded, frequency_penalty=1.5,
+                                                                  presence_penalty=0.5)
     assert torch.equal(plain[0], penalised[0])
     first, rows = plain[0].argmax(-1), torch.arange(2)
     assert torch.allclose(penalised[1][rows, first], plain[1][rows, first] - 2.0)

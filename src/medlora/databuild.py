@@ -522,11 +522,10 @@ def _lookup(ix, d, rng):
     distractors = _distinct(rng, pool, 4, [d[kind]])
     if distractors is None:
         return None
-    options = distractors
     position = rng.randrange(5)
-    options.insert(position, d[kind])
+    distractors.insert(position, d[kind])
     q = _pick(rng, ["下列选项中，哪一项是“{x}”？", "“{x}”是下列哪个选项？", "请找出“{x}”对应的选项。"], x=d[kind])
-    return f"{q}\n{_option_lines(options)}", _mcq_answer("", d[kind], "ABCDE"[position])
+    return f"{q}\n{_option_lines(distractors)}", _mcq_answer("", d[kind], "ABCDE"[position])
 
 
 def _compare_cause(ix, d, rng):
