@@ -49,10 +49,12 @@ def template():
     return load_template(str(HUATUO / "med_template.json"))
 
 
-def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False, grouped: bool = False) -> dict:
+def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False, grouped: bool = False,
+                 unsorted: bool = False) -> dict:
     """One epoch over the first `n` records with medlora's defaults (impl "ours") or the reference recipe ("ref").
     Ours only: `plain`, fp32 weights (the reference's numerics) with our loss, for checking that our loss path
-    changes nothing; `grouped`, length-grouped batches (off by default: faster, but it moves the loss)."""
+    changes nothing; `grouped`, length-grouped batches (off by default: faster, but it moves the loss); `unsorted`,
+    micro-batches in random order instead of sorted by length within each step (--sort_within_step false)."""
     from medlora.registry import prepare_builtin
 
     records = load_workload(n)
@@ -74,7 +76,7 @@ def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = Fals
                        TrainArgs(output_dir=out, batch_size=SETTINGS["batch_size"], num_epochs=1,
                                  micro_batch_size=SETTINGS["micro_batch_size"], learning_rate=SETTINGS["learning_rate"],
                                  save_steps=10**9, logging_steps=10**9, report_to="none", seed=seed,
-                                 group_by_length=grouped), echo=lambda *a: None)
+                                 group_by_length=grouped, sort_within_step=not unsorted), echo=lambda *a: None)
         result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens}
     result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb())
     return result
@@ -213,7 +215,8 @@ def main() -> None:
                              "good runs land, and what each speed-up does to the loss")
     parser.add_argument("--variants", default="ours:1,ours:2,plain:42,grouped:42",
                         help="with --loss-check: IMPL:SEED runs, IMPL one of ours (medlora's defaults), plain (ours in "
-                             "fp32), grouped (ours with length-grouped batches), ref")
+                             "fp32), grouped (ours with length-grouped batches), unsorted (ours with random "
+                             "micro-batches, the default before sort_within_step), ref")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to measure, a comma list of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--reuse", default=None,
@@ -293,7 +296,8 @@ def loss_check(n_train: int, variants: str) -> None:
             impl, seed = variant.split(":")
             out = f"{scratch}/{impl}-{seed}"
             kwargs = {"impl": "ref"} if impl == "ref" else {"impl": "ours", "plain": impl == "plain",
-                                                            "grouped": impl == "grouped"}
+                                                            "grouped": impl == "grouped",
+                                                            "unsorted": impl == "unsorted"}
             train = run_worker("train", n=n_train, out=out, seed=int(seed), **kwargs)
             val = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
             print(json.dumps({"name": "val_loss", "variant": impl, "seed": int(seed), **val,

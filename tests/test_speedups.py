@@ -183,3 +183,57 @@ def test_frequency_and_presence_penalties_through_generate(tiny_model):
     assert torch.equal(plain[0], penalised[0])
     first, rows = plain[0].argmax(-1), torch.arange(2)
     assert torch.allclose(penalised[1][rows, first], plain[1][rows, first] - 2.0)
+
+
+def _step_batches(tiny_model, tmp_path, **train_args) -> list[list[dict]]:
+    """The training micro-batches medlora's Trainer feeds, grouped by optimizer step (global batch 8, micro 2)."""
+    from datasets import Dataset
+
+    from medlora.config import TrainArgs
+    from medlora.train import build_trainer
+
+    tokenizer = load_tokenizer(tiny_model, padding_side="right")
+    records = [{"instruction": f"问题{i}", "input": "", "output": "答" * (1 + 5 * (i % 8))} for i in range(16)]
+    examples, _ = tokenize_records(records, load_template("med_template"), tokenizer)
+    args = TrainArgs(output_dir=str(tmp_path), batch_size=8, micro_batch_size=2, num_epochs=1, report_to="none",
+                     **train_args)
+    trainer = build_trainer(load_base_model(tiny_model, dtype="fp32"), tokenizer,
+                            Dataset.from_list(examples), None, args, bf16=False)
+    batches = list(trainer.get_train_dataloader())
+    accumulation = trainer.args.gradient_accumulation_steps
+    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+
+
+def _padding(steps) -> int:
+    return sum(int((b["attention_mask"] == 0).sum()) for step in steps for b in step)
+
+
+def test_each_step_is_sorted_into_micro_batches_by_length_with_less_padding(tiny_model, tmp_path):
+    sorted_steps = _step_batches(tiny_model, tmp_path / "a")
+    random_steps = _step_batches(tiny_model, tmp_path / "b", sort_within_step=False)
+    for steps in (sorted_steps, random_steps):  # both: two steps of 8 examples, each example once
+        assert [sum(len(b["input_ids"]) for b in step) for step in steps] == [8, 8]
+        seen = sorted(int(row.sum()) for step in steps for b in step for row in b["attention_mask"])
+        assert seen == sorted(int(row.sum()) for step in random_steps for b in step for row in b["attention_mask"])
+    for step in sorted_steps:  # within a step, each micro-batch holds neighbours in length order
+        spans = sorted((int(b["attention_mask"].sum(1).min()), int(b["attention_mask"].sum(1).max())) for b in step)
+        assert all(high <= next_low for (_, high), (next_low, _) in zip(spans, spans[1:])), spans
+    assert _padding(sorted_steps) < _padding(random_steps)
+
+
+def test_a_steps_gradient_does_not_depend_on_its_split_into_micro_batches(tiny_model):
+    model, batch = lora_batch(tiny_model)  # 8 examples of different lengths; loss over the step's tokens
+    total = int((batch["labels"][:, 1:] != -100).sum())
+    lengths = batch["attention_mask"].sum(1)
+
+    def accumulated(order):
+        model.zero_grad()
+        for part in (order[:3], order[3:5], order[5:]):  # uneven micro-batches, as batch_rebalance makes them
+            loss_sum, _ = supervised_loss(model, {k: v[part] for k, v in batch.items()})
+            (loss_sum / total).backward()
+        return lora_grads(model)
+
+    by_index = accumulated(torch.arange(8))
+    by_length = accumulated(torch.argsort(lengths, descending=True))
+    for name, grad in by_length.items():
+        assert (grad - by_index[name]).abs().max() <= 1e-5 * by_index[name].abs().max(), name

@@ -66,6 +66,10 @@ class TrainArgs:
     resume_from_checkpoint: str = opt("", "checkpoint folder to resume from, or 'auto' for the newest complete one")
     group_by_length: bool = opt(False, "batch examples of similar length together: less padding (~15%% faster on "
                                        "CPU) but a different loss (+0.3%% validation loss in bench/run.py --loss-check)")
+    sort_within_step: bool = opt(True, "split each optimizer step's examples (drawn at random either way) into "
+                                       "micro-batches of similar length: less padding, and the step's gradient does "
+                                       "not depend on the split (transformers' batch_rebalance sampler); ignored with "
+                                       "--group_by_length")
     seed: int = opt(42, "random seed (data order, LoRA init, validation split)")
     save_bin: bool = opt(False, "also write adapter_model.bin (pickle) for tools that want the seed's file")
     fast_loss: bool = opt(True, "compute LM-head logits and loss only at supervised positions (same loss, faster)")

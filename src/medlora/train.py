@@ -105,6 +105,17 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int):
     return template, train_ds, val_ds, stats
 
 
+def sampling_strategy(args: TrainArgs) -> str:
+    """Trainer's order of examples. `batch_rebalance` draws each optimizer step's examples at random, as `random`
+    does, and splits them by length into micro-batches (of balanced cost, so of uneven sizes): as the loss is summed
+    over the step's supervised tokens and divided by their count (`num_items_in_batch`), that split does not change
+    the step's gradient, only the padding. `group_by_length` also picks which examples share a step (similar
+    lengths from a wider window), which moved the validation loss (bench/run.py --loss-check)."""
+    if args.group_by_length:
+        return "group_by_length"
+    return "batch_rebalance" if args.sort_within_step else "random"
+
+
 def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: bool):
     accumulation = gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
     report_to = args.report_to
@@ -129,7 +140,7 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: boo
         save_total_limit=args.save_total_limit,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        train_sampling_strategy=sampling_strategy(args),
         report_to=report_to,
         seed=args.seed,
         data_seed=args.seed,
