@@ -185,8 +185,9 @@ def test_frequency_and_presence_penalties_through_generate(tiny_model):
     assert torch.allclose(penalised[1][rows, first], plain[1][rows, first] - 2.0)
 
 
-def _step_batches(tiny_model, tmp_path, **train_args) -> list[list[dict]]:
-    """The training micro-batches medlora's Trainer feeds, grouped by optimizer step (global batch 8, micro 2)."""
+def _step_batches(tiny_model, tmp_path, **train_args) -> tuple[list[list[dict]], list[int]]:
+    """The training micro-batches medlora's Trainer feeds, grouped by optimizer step (global batch 8, micro 2), and
+    the lengths of the 16 examples it was given."""
     from datasets import Dataset
 
     from medlora.config import TrainArgs
@@ -201,7 +202,8 @@ def _step_batches(tiny_model, tmp_path, **train_args) -> list[list[dict]]:
                             Dataset.from_list(examples), None, args, bf16=False)
     batches = list(trainer.get_train_dataloader())
     accumulation = trainer.args.gradient_accumulation_steps
-    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+    steps = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+    return steps, sorted(len(e["input_ids"]) for e in examples)
 
 
 def _padding(steps) -> int:
@@ -209,12 +211,11 @@ def _padding(steps) -> int:
 
 
 def test_each_step_is_sorted_into_micro_batches_by_length_with_less_padding(tiny_model, tmp_path):
-    sorted_steps = _step_batches(tiny_model, tmp_path / "a")
-    random_steps = _step_batches(tiny_model, tmp_path / "b", sort_within_step=False)
+    sorted_steps, lengths = _step_batches(tiny_model, tmp_path / "a")
+    random_steps, _ = _step_batches(tiny_model, tmp_path / "b", sort_within_step=False)
     for steps in (sorted_steps, random_steps):  # both: two steps of 8 examples, each example once
         assert [sum(len(b["input_ids"]) for b in step) for step in steps] == [8, 8]
-        seen = sorted(int(row.sum()) for step in steps for b in step for row in b["attention_mask"])
-        assert seen == sorted(int(row.sum()) for step in random_steps for b in step for row in b["attention_mask"])
+        assert sorted(int(row.sum()) for step in steps for b in step for row in b["attention_mask"]) == lengths
     for step in sorted_steps:  # within a step, each micro-batch holds neighbours in length order
         spans = sorted((int(b["attention_mask"].sum(1).min()), int(b["attention_mask"].sum(1).max())) for b in step)
         assert all(high <= next_low for (_, high), (next_low, _) in zip(spans, spans[1:])), spans
