@@ -90,3 +90,14 @@ def test_reloaded_adapter_gives_the_in_memory_logits(tiny_model, tiny_records_fi
         expected, actual = in_memory(**batch).logits, reloaded(**batch).logits
     assert torch.allclose(expected, actual, atol=1e-5)
     assert not torch.allclose(actual, load_base_model(tiny_model, dtype="fp32")(**batch).logits, atol=1e-3)
+
+
+def test_the_cli_log_shows_medlora_progress_but_not_other_libraries_chatter():
+    """A fresh machine's first report printed matplotlib's `generated new fontManager` as if it were ours."""
+    code = ("import logging; from medlora.cli import setup_logging; setup_logging(); "
+            "logging.getLogger('matplotlib.font_manager').info('generated new fontManager'); "
+            "logging.getLogger('httpx').info('HTTP Request: GET /'); "
+            "logging.getLogger('medlora.train').info('ours'); logging.getLogger('peft').warning('theirs, a warning')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["[medlora] ours", "[medlora] theirs, a warning"]

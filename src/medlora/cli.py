@@ -59,7 +59,9 @@ def _command_module(name: str):
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="[medlora] %(message)s", stream=sys.stderr)
+    # medlora's own progress at INFO; other libraries only from WARNING (matplotlib's font cache, httpx's requests...)
+    logging.basicConfig(level=logging.WARNING, format="[medlora] %(message)s", stream=sys.stderr)
+    logging.getLogger("medlora").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
