@@ -6,6 +6,7 @@ One server (tiny-qwen2 + the memorising tiny adapter as `tuned`, API key on, sma
 from __future__ import annotations
 
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +17,7 @@ from medlora import DISCLAIMER
 from medlora.generate import template_for
 from medlora.generate import strip_pieces
 from medlora.serve.engine import APIError, cut_at_stops, split_conversation
-from tests.conftest import TINY_RECORDS, running_medlora
+from tests.conftest import TINY_RECORDS, run_medlora, running_medlora
 
 API_KEY = "test-key-123"
 CAP = 32
@@ -214,3 +215,19 @@ def test_health_and_openapi_schema(server):
     assert {"ChatCompletionRequest", "ChatCompletion", "CompletionRequest", "ErrorResponse"} <= set(
         schema["components"]["schemas"])
     assert httpx.get(f"{server[0]}/docs").status_code == 200
+
+
+@pytest.mark.parametrize("command", ["serve", "webui"])
+def test_a_taken_or_impossible_port_is_refused_in_one_line_before_any_model_loads(command):
+    """The model named cannot load: the port's message proves the address is checked first, not after a long load."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run_medlora(command, "--base_model", "no/such-model", "--port", str(port), check=False)
+    out_of_range = run_medlora(command, "--base_model", "no/such-model", "--port", "99999", check=False)
+    for proc in (busy, out_of_range):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert busy.stderr.strip().splitlines()[-1] == (f"medlora {command}: error: cannot serve on 127.0.0.1:{port} "
+                                                    f"(Address already in use); pass another --port or --host")
+    assert "--port: expected a port number from 1 to 65535, got '99999'" in out_of_range.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 from medlora.config import GenerationArgs, ModelArgs, add_dataclass_args, build_dataclass, str2bool
 from medlora.errors import ConfigError
@@ -48,3 +49,35 @@ def load_generator(args: argparse.Namespace, lora_weights: str | None = None):
     margs = model_args(args)
     return Generator.load(margs.base_model, lora_weights, args.prompt_template, margs.dtype, margs.load_8bit,
                           margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora)
+
+
+def port_number(value: str) -> int:
+    """argparse type of --port: 1 to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {value!r}")
+    return port
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, title: str, port: int, host_help: str):
+    """--host (loopback by default) and --port, in an argument group that is returned for more server options."""
+    server = parser.add_argument_group(title)
+    server.add_argument("--host", default="127.0.0.1", help=f"address to bind (default: 127.0.0.1, {host_help})")
+    server.add_argument("--port", type=port_number, default=port, help=f"port (default: {port})")
+    return server
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Refuse an address that cannot be served (port taken, host not on this machine) before any weights load."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot serve on {host}:{port} ({reason}); pass another --port or --host") from None

@@ -7,13 +7,12 @@ import logging
 import os
 from pathlib import Path
 
-from medlora.commands._common import model_args
+from medlora.commands._common import add_server_arguments, check_bindable, model_args
 from medlora.config import ModelArgs, add_dataclass_args
 from medlora.errors import ConfigError
+from medlora.serve import LOOPBACK
 
 logger = logging.getLogger(__name__)
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
     models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
                         help="template name or JSON file for every model (default: each adapter's, else med_template)")
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    server = add_server_arguments(parser, "server", 8000, "this machine only")
     server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MEDLORA_API_KEY; unset: no key)")
     bounds = parser.add_argument_group("bounds")
@@ -59,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from medlora.serve.api import create_app
     from medlora.serve.engine import Engine, ServeSettings
 
+    check_bindable(args.host, args.port)
     margs = model_args(args)
     engine = Engine.load(margs.base_model, parse_adapters(args.lora_weights), args.prompt_template, margs.dtype,
                          margs.load_8bit, margs.load_4bit, margs.trust_remote_code, margs.allow_pickle,

@@ -9,22 +9,20 @@ from __future__ import annotations
 import argparse
 
 from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
-                                      generation_args, load_generator)
+                                      add_server_arguments, check_bindable, generation_args, load_generator)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.set_defaults(merge_lora=False)
     add_generation_arguments(parser)
-    server = parser.add_argument_group("web server")
-    server.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default: 127.0.0.1, this machine only; the page has no login)")
-    server.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    add_server_arguments(parser, "web server", 7860, "this machine only; the page has no login")
 
 
 def run(args: argparse.Namespace) -> int:
     from medlora.serve.webui import build_demo, launch
 
+    check_bindable(args.host, args.port)
     generator = load_generator(args, adapter_path(args))
     launch(build_demo(generator, generation_args(args)), args.host, args.port)
     return 0

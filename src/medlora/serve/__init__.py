@@ -5,3 +5,5 @@ puts the OpenAI routes (`/v1/models`, `/v1/chat/completions`, `/v1/completions`)
 `medlora serve` (see `medlora.commands.serve`) runs it with uvicorn; docs/serving.md describes the endpoints.
 `webui.py` builds the Gradio page (streaming chat, base vs tuned side by side) for `medlora webui`.
 """
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # hosts that only this machine can reach

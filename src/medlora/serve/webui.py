@@ -22,6 +22,7 @@ from medlora import DISCLAIMER  # noqa: E402
 from medlora.config import GenerationArgs  # noqa: E402
 from medlora.errors import ConfigError  # noqa: E402
 from medlora.generate import Generator  # noqa: E402
+from medlora.serve import LOOPBACK  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ EXAMPLES = [
     "儿童发烧到38.5℃应该怎么处理？",
 ]
 MODEL_SLOT = "model"  # the concurrency id shared by every event that generates
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def can_compare(generator: Generator) -> bool:
