@@ -6,9 +6,11 @@ Data files live in tests/data/bad/ (small, written for these tests); broken adap
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +169,8 @@ def run_cli_cases(cases: list[list[str]], tmp_path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def cli_results(adapters, tmp_path_factory) -> dict[str, dict]:
     work = tmp_path_factory.mktemp("cli")
-    good_data = work / "good.jsonl"
+    good_data, a_file = work / "good.jsonl", work / "a_file"
+    a_file.write_text("not a folder\n")
     good_data.write_text(json.dumps({"instruction": "感冒怎么办？", "output": "多休息。"}, ensure_ascii=False) + "\n")
     base = ["--base_model", "tiny-qwen2"]
     train = ["finetune", *base, "--output_dir", str(work / "run"), "--max_steps", "1", "--dtype", "fp32"]
@@ -180,11 +183,37 @@ def cli_results(adapters, tmp_path_factory) -> dict[str, dict]:
            for name in ("no_config", "pickle_only", "truncated", "other_base", "foreign")},
         "infer:pickle_allowed": [*infer, "--lora_weights", str(adapters["pickle_only"]), "--allow_pickle"],
         "merge:truncated": ["merge", *base, "--lora_weights", str(adapters["truncated"]), "--out", str(work / "m")],
-        "serve:no_config": ["serve", *base, "--lora_weights", f"x={adapters['no_config']}", "--port", "9"],
+        "serve:no_config": ["serve", *base, "--lora_weights", f"x={adapters['no_config']}", "--port", free_port()],
         "eval:other_base": ["eval", *base, "--lora_weights", str(adapters["other_base"]), "--data", str(good_data),
                             "--out", str(work / "ev")],
+        # settings out of range, and output folders that are files
+        **{f"finetune:{' '.join(flags)}": [*train, "--data_path", str(good_data), *flags] for flags in BAD_SETTINGS},
+        "finetune:epochs": ["finetune", *base, "--data_path", str(good_data), "--output_dir", str(work / "run"),
+                            "--num_epochs", "0"],
+        "finetune:out": [*train, "--data_path", str(good_data), "--output_dir", str(a_file)],
+        "infer:out": [*infer, "--model_output_dir", str(a_file)],
+        "eval:out": ["eval", *base, "--data", str(good_data), "--out", str(a_file)],
+        "data:out": ["data", "build", "--out", str(a_file)],
     })
-    return dict(zip(cases, run_cli_cases(list(cases.values()), work)))
+    results = run_cli_cases(list(cases.values()), work)
+    return {name: {**result, "argv": argv} for (name, argv), result in zip(cases.items(), results)}
+
+
+BAD_SETTINGS = {  # finetune flags → the message (a traceback from torch or PEFT before, or a silent no-op)
+    ("--learning_rate", "-1"): "--learning_rate must be above 0",
+    ("--learning_rate", "nan"): "--learning_rate must be above 0",
+    ("--lora_r", "0"): "--lora_r and --lora_alpha must be at least 1",
+    ("--lora_dropout", "1"): "--lora_dropout must be from 0 up to (not including) 1",
+    ("--cutoff_len", "1"): "--cutoff_len must be at least 2 (a prompt token and an answer token)",
+    ("--micro_batch_size", "0"): "--micro_batch_size must be at least 1",
+    ("--save_steps", "0"): "--save_steps must be at least 1",
+}
+
+
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def assert_one_line_error(result: dict, line: str, weights_loaded: int = 0) -> None:
@@ -246,3 +275,33 @@ def test_an_adapter_trained_on_another_base_is_refused_naming_both(cli_results, 
         f"medlora infer: error: {adapters['foreign']}: this adapter does not fit the base model: size mismatch for "
         f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight: copying a param with shape "
         f"torch.Size([4, 32]) from checkpoint, the shape in current model is torch.Size([4, 64]).")
+
+
+@pytest.mark.parametrize("flags", sorted(BAD_SETTINGS), ids=" ".join)
+def test_settings_out_of_range_are_refused_before_loading(cli_results, flags):
+    assert_one_line_error(cli_results[f"finetune:{' '.join(flags)}"], f"medlora finetune: error: {BAD_SETTINGS[flags]}")
+
+
+def test_zero_epochs_is_refused_not_an_untrained_adapter_saved(cli_results):
+    assert_one_line_error(cli_results["finetune:epochs"],
+                          "medlora finetune: error: --num_epochs must be above 0 (or give --max_steps)")
+
+
+@pytest.mark.parametrize("case, flag", [("finetune:out", "--output_dir"), ("infer:out", "--model_output_dir"),
+                                        ("eval:out", "--out"), ("data:out", "--out")])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(cli_results, case, flag):
+    command = case.split(":")[0]
+    a_file = next(arg for arg in cli_results[case]["argv"] if arg.endswith("a_file"))
+    assert_one_line_error(cli_results[case], f"medlora {command}: error: {flag} {a_file}: exists and is not a folder")
+
+
+def test_counts_must_be_whole_numbers_of_at_least_one():
+    from medlora.commands._common import port_number, positive_int
+
+    assert positive_int("3") == 3 and port_number("8000") == 8000
+    for bad in ("0", "-2", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+            positive_int(bad)
+    for bad in ("0", "65536", "http"):
+        with pytest.raises(argparse.ArgumentTypeError, match="from 1 to 65535"):
+            port_number(bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from medlora.errors import ConfigError
 
@@ -39,6 +40,12 @@ class DataArgs:
     train_on_inputs: bool = opt(False, "also train on the prompt tokens (default: prompt labels are masked)")
     add_eos_token: bool = opt(True, "append EOS to every answer so the model learns to stop")
 
+    def __post_init__(self):
+        if self.cutoff_len < 2:
+            raise ConfigError("--cutoff_len must be at least 2 (a prompt token and an answer token)")
+        if not self.val_set_size >= 0:
+            raise ConfigError("--val_set_size must be 0 or more (a count, or a fraction when below 1)")
+
 
 @dataclass
 class LoraArgs:
@@ -46,6 +53,12 @@ class LoraArgs:
     lora_alpha: int = opt(16, "LoRA scaling alpha")
     lora_dropout: float = opt(0.05, "dropout on the LoRA path")
     lora_target_modules: str = opt("q_proj,v_proj", "comma-separated module names, or all-linear")
+
+    def __post_init__(self):
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise ConfigError("--lora_r and --lora_alpha must be at least 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError("--lora_dropout must be from 0 up to (not including) 1")
 
 
 @dataclass
@@ -76,6 +89,19 @@ class TrainArgs:
     report_to: str = opt("auto", "logging integrations: auto (tensorboard when installed), none, tensorboard, wandb")
     deepspeed: str = opt("", "DeepSpeed config JSON passed to the Trainer")
     fsdp: str = opt("", "FSDP options passed to the Trainer, e.g. 'full_shard auto_wrap'")
+
+    def __post_init__(self):
+        for name in ("batch_size", "micro_batch_size", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1")
+        if not (self.num_epochs > 0 or self.max_steps > 0):
+            raise ConfigError("--num_epochs must be above 0 (or give --max_steps)")
+        if not 0 < self.learning_rate < float("inf"):
+            raise ConfigError("--learning_rate must be above 0")
+        if not (self.warmup_steps >= 0 and self.weight_decay >= 0):
+            raise ConfigError("--warmup_steps and --weight_decay must be 0 or more")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ConfigError(f"--output_dir {self.output_dir}: exists and is not a folder")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from pathlib import Path
 
 from medlora.config import GenerationArgs, ModelArgs, add_dataclass_args, build_dataclass, str2bool
 from medlora.errors import ConfigError
@@ -49,6 +50,23 @@ def load_generator(args: argparse.Namespace, lora_weights: str | None = None):
     margs = model_args(args)
     return Generator.load(margs.base_model, lora_weights, args.prompt_template, margs.dtype, margs.load_8bit,
                           margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora)
+
+
+def positive_int(value: str) -> int:
+    """argparse type of counts such as --batch_size: 1 or more."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
+
+
+def check_output_folder(flag: str, path: str | Path) -> None:
+    """Refuse an output folder that is a file before any model loads (not a traceback after the work is done)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
 
 
 def port_number(value: str) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from medlora.commands._common import check_output_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -16,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medlora.databuild import build_dataset
 
+    check_output_folder("--out", args.out)
     counts = build_dataset(args.out, seed=args.seed, kb_path=args.kb)
     print("[medlora] " + ", ".join(f"{split}: {n} records" for split, n in counts.items()) + f" in {args.out}")
     return 0

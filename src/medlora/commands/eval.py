@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import add_generation_arguments, generation_args, model_args
+from medlora.commands._common import add_generation_arguments, check_output_folder, generation_args, model_args
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
 from medlora.errors import ConfigError
 
@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 0 or args.show < 0 or args.batch_size < 1:
         raise ConfigError("--limit and --show must be ≥ 0 and --batch_size ≥ 1")
+    check_output_folder("--out", args.out)
     models, result_files = model_specs(args)
     if args.train_dir:
         read_loss_log(args.train_dir)  # fail before generating, not after

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
-                                      generation_args, load_generator)
+                                      check_output_folder, generation_args, load_generator, positive_int)
 from medlora.config import str2bool
 
 RESULTS = "results.jsonl"
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="records to answer (any finetune data format); without it: an interactive prompt")
     io.add_argument("--columns", default="", help="map source columns to fields, e.g. instruction=问题,output=回答")
     io.add_argument("--model_output_dir", default=None, help=f"folder for {RESULTS} (instruction, golden, answer)")
-    io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
+    io.add_argument("--batch_size", type=positive_int, default=8, help="records generated together (default: 8)")
     io.add_argument("--metrics", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
                     help="print the evaluation metrics (ROUGE, BLEU, exact match, MCQ accuracy) after the run")
     add_generation_arguments(parser)
@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from medlora.io import atomic_write_jsonl
 
     gen = generation_args(args)
+    if args.model_output_dir:
+        check_output_folder("--model_output_dir", args.model_output_dir)
     records = load_records(args.instruct_dir, require_output=False, columns=args.columns or None) \
         if args.instruct_dir else None
     generator = load_generator(args, adapter_path(args))
