@@ -231,3 +231,9 @@ def test_a_taken_or_impossible_port_is_refused_in_one_line_before_any_model_load
     assert busy.stderr.strip().splitlines()[-1] == (f"medlora {command}: error: cannot serve on 127.0.0.1:{port} "
                                                     f"(Address already in use); pass another --port or --host")
     assert "--port: expected a port number from 1 to 65535, got '99999'" in out_of_range.stderr
+
+
+def test_bounds_below_one_are_refused_before_the_model_loads():
+    proc = run_medlora("serve", "--base_model", "no/such-model", "--max_queue", "0", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("--max_queue: expected a whole number of at least 1, got '0'")

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from medlora.commands._common import add_server_arguments, check_bindable, model_args
+from medlora.commands._common import add_server_arguments, check_bindable, model_args, positive_int
 from medlora.config import ModelArgs, add_dataclass_args
 from medlora.errors import ConfigError
 from medlora.serve import LOOPBACK
@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MEDLORA_API_KEY; unset: no key)")
     bounds = parser.add_argument_group("bounds")
-    bounds.add_argument("--max_prompt_tokens", type=int, default=None,
+    bounds.add_argument("--max_prompt_tokens", type=positive_int, default=None,
                         help="longest prompt accepted (default: 2048, or the model's context if smaller)")
-    bounds.add_argument("--max_tokens_cap", type=int, default=1024, help="largest max_tokens accepted (default: 1024)")
-    bounds.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
-    bounds.add_argument("--max_batch_size", type=int, default=8, help="requests generated together (default: 8)")
-    bounds.add_argument("--max_queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
+    bounds.add_argument("--max_tokens_cap", type=positive_int, default=1024, help="largest max_tokens accepted (default: 1024)")
+    bounds.add_argument("--max_body_bytes", type=positive_int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    bounds.add_argument("--max_batch_size", type=positive_int, default=8, help="requests generated together (default: 8)")
+    bounds.add_argument("--max_queue", type=positive_int, default=256, help="requests waiting before 503 (default: 256)")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
