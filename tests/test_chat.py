@@ -49,6 +49,17 @@ def test_chat_session(tiny_model, tiny_adapter):
         child.expect_exact("temperature=0.3")
         child.expect_exact(PROMPT)
 
+        for bad, message in [("max_new_tokens=0", "--max_new_tokens must be at least 1"),
+                             ("temperature=-1", "--temperature must be above 0 when sampling"),
+                             ("top_p=abc", "top_p takes a float, got 'abc'")]:
+            child.sendline(f"/settings {bad}")  # a bad value is reported and the chat goes on with the old settings
+            child.expect_exact(f"[settings] {message}")
+            child.expect_exact("settings unchanged")
+            child.expect_exact(PROMPT)
+        child.sendline(TINY_RECORDS[0]["instruction"])
+        child.expect_exact("回答> ")
+        child.expect_exact(PROMPT)
+
         child.sendline("/reset")
         child.expect_exact("[conversation reset]")
         child.expect_exact(PROMPT)

@@ -8,6 +8,7 @@ import threading
 
 from medlora import DISCLAIMER
 from medlora.config import GenerationArgs
+from medlora.errors import ConfigError
 from medlora.generate import Generator
 
 HELP = "commands: /reset (forget the conversation), /settings key=value ..., /exit"
@@ -22,7 +23,10 @@ def apply_settings(gen: GenerationArgs, spec: str) -> GenerationArgs:
         if key not in types or not value:
             raise ValueError(f"unknown setting {pair!r}; known: {', '.join(types)}")
         kind = type(getattr(gen, key))
-        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        try:
+            changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"{key} takes a {kind.__name__}, got {value!r}") from None
     if "temperature" in changes and "do_sample" not in changes:
         changes["do_sample"] = changes["temperature"] > 0
     return dataclasses.replace(gen, **changes)
@@ -51,8 +55,8 @@ def chat_loop(generator: Generator, gen: GenerationArgs, multi_turn: bool = True
             try:
                 gen = apply_settings(gen, line[len("/settings"):])
                 write(f"[settings] {gen}\n")
-            except ValueError as exc:
-                write(f"[settings] {exc}\n")
+            except (ValueError, ConfigError) as exc:
+                write(f"[settings] {exc}; settings unchanged\n")
             continue
         if line.startswith("/"):
             write(f"[unknown command] {HELP}\n")

@@ -137,6 +137,10 @@ class GenerationArgs:
             raise ConfigError("--repetition_penalty must be above 0 (1.0 = none)")
         if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
             raise ConfigError("--frequency_penalty and --presence_penalty must be between -2 and 2 (0 = none)")
+        if not (self.temperature > 0 if self.do_sample else self.temperature >= 0):
+            raise ConfigError("--temperature must be above 0 when sampling (0 or no --do_sample: greedy)")
+        if not (0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ConfigError("--top_p must be above 0 and at most 1, --top_k 0 or more (0: no top-k cut)")
 
 
 def str2bool(value: str | bool) -> bool:
