@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medlora.data import load_records
+from medlora.data import iter_records, load_records
 from medlora.errors import DataError
 from tests.test_atomic_outputs import lora_on_tiny_qwen2, save_quick_adapter
 
@@ -65,6 +65,15 @@ def test_excel_csv_with_bom_crlf_and_chinese_headers_loads_through_columns():
     ]
     with pytest.raises(DataError, match=r"excel_export.csv: line 2: field 'instruction' is missing"):
         load_records(BAD / "excel_export.csv")  # without --columns the Chinese headers map to nothing
+
+
+def test_a_mapped_column_must_exist_and_wins_over_a_field_of_the_same_name(tmp_path):
+    path = tmp_path / "both.jsonl"
+    path.write_text('{"问题": "头痛怎么办？", "instruction": "旧的", "output": "休息。"}\n{"instruction": "b", "output": "c"}\n')
+    with pytest.raises(DataError, match=f"^{path}: line 2: column '问题' is missing \\(--columns instruction=问题\\)$"):
+        load_records(path, columns="instruction=问题")  # it silently trained on the unmapped 'instruction' before
+    first = next(iter_records(path, columns="instruction=问题"))
+    assert first == {"instruction": "头痛怎么办？", "input": "", "output": "休息。"}
 
 
 def test_deeply_nested_and_huge_number_json_are_data_errors(tmp_path):
@@ -207,6 +216,11 @@ BAD_SETTINGS = {  # finetune flags → the message (a traceback from torch or PE
     ("--cutoff_len", "1"): "--cutoff_len must be at least 2 (a prompt token and an answer token)",
     ("--micro_batch_size", "0"): "--micro_batch_size must be at least 1",
     ("--save_steps", "0"): "--save_steps must be at least 1",
+    ("--lora_target_modules", ""): "--lora_target_modules is empty: name the modules (e.g. q_proj,v_proj) or use "
+                                   "all-linear",
+    ("--report_to", "bogus"): "--report_to bogus: use auto, none, all or any of azure_ml, comet_ml, mlflow, neptune, "
+                              "tensorboard, trackio, wandb, codecarbon, clearml, dagshub, flyte, dvclive, swanlab, "
+                              "kubeflow",
 }
 
 

@@ -59,6 +59,8 @@ class LoraArgs:
             raise ConfigError("--lora_r and --lora_alpha must be at least 1")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError("--lora_dropout must be from 0 up to (not including) 1")
+        if not self.lora_target_modules.strip(" ,"):
+            raise ConfigError("--lora_target_modules is empty: name the modules (e.g. q_proj,v_proj) or use all-linear")
 
 
 @dataclass
@@ -100,6 +102,13 @@ class TrainArgs:
             raise ConfigError("--learning_rate must be above 0")
         if not (self.warmup_steps >= 0 and self.weight_decay >= 0):
             raise ConfigError("--warmup_steps and --weight_decay must be 0 or more")
+        unknown = sorted(set(self.report_to.replace(" ", "").split(",")) - {"auto", "none", "all"})
+        if unknown:
+            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+            if set(unknown) - set(INTEGRATION_TO_CALLBACK):
+                raise ConfigError(f"--report_to {self.report_to}: use auto, none, all or any of "
+                                  f"{', '.join(INTEGRATION_TO_CALLBACK)}")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ConfigError(f"--output_dir {self.output_dir}: exists and is not a folder")
 

@@ -94,7 +94,12 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
     if not isinstance(row, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {'null' if row is None else type(row).__name__}")
     if mapping:
-        row = {mapping.get(key, key): value for key, value in row.items()}
+        for column, name in mapping.items():
+            if column not in row and not (name == "input" or (name == "output" and not require_output)):
+                raise DataError(f"{where}: column '{column}' is missing (--columns {name}={column})")
+        renamed = {key: value for key, value in row.items() if key not in mapping.values()}  # mapped columns win
+        renamed.update({name: row[column] for column, name in mapping.items() if column in row})
+        row = renamed
     record = {}
     for name in FIELDS:
         value = row.get(name)
