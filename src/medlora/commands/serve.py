@@ -28,9 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bounds = parser.add_argument_group("bounds")
     bounds.add_argument("--max_prompt_tokens", type=positive_int, default=None,
                         help="longest prompt accepted (default: 2048, or the model's context if smaller)")
-    bounds.add_argument("--max_tokens_cap", type=positive_int, default=1024, help="largest max_tokens accepted (default: 1024)")
-    bounds.add_argument("--max_body_bytes", type=positive_int, default=1 << 20, help="largest request body (default: 1 MiB)")
-    bounds.add_argument("--max_batch_size", type=positive_int, default=8, help="requests generated together (default: 8)")
+    bounds.add_argument("--max_tokens_cap", type=positive_int, default=1024,
+                        help="largest max_tokens accepted (default: 1024)")
+    bounds.add_argument("--max_body_bytes", type=positive_int, default=1 << 20,
+                        help="largest request body (default: 1 MiB)")
+    bounds.add_argument("--max_batch_size", type=positive_int, default=8,
+                        help="requests generated together (default: 8)")
     bounds.add_argument("--max_queue", type=positive_int, default=256, help="requests waiting before 503 (default: 256)")
 
 
