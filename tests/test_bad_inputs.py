@@ -176,8 +176,12 @@ def run_cli_cases(cases: list[list[str]], tmp_path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cli_results(adapters, tmp_path_factory) -> dict[str, dict]:
+def cli_results(adapters, tiny_model, tmp_path_factory) -> dict[str, dict]:
     work = tmp_path_factory.mktemp("cli")
+    (work / "empty_model").mkdir()
+    from medlora.modeling import resolve_model_path
+
+    shutil.copytree(resolve_model_path(tiny_model), work / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
     good_data, a_file = work / "good.jsonl", work / "a_file"
     a_file.write_text("not a folder\n")
     good_data.write_text(json.dumps({"instruction": "感冒怎么办？", "output": "多休息。"}, ensure_ascii=False) + "\n")
@@ -203,6 +207,8 @@ def cli_results(adapters, tmp_path_factory) -> dict[str, dict]:
         "infer:out": [*infer, "--model_output_dir", str(a_file)],
         "eval:out": ["eval", *base, "--data", str(good_data), "--out", str(a_file)],
         "data:out": ["data", "build", "--out", str(a_file)],
+        "model:empty": ["infer", "--base_model", str(work / "empty_model"), "--instruct_dir", str(good_data)],
+        "model:no_tokenizer": ["infer", "--base_model", str(work / "no_tokenizer"), "--instruct_dir", str(good_data)],
     })
     results = run_cli_cases(list(cases.values()), work)
     return {name: {**result, "argv": argv} for (name, argv), result in zip(cases.items(), results)}
@@ -319,3 +325,17 @@ def test_counts_must_be_whole_numbers_of_at_least_one():
     for bad in ("0", "65536", "http"):
         with pytest.raises(argparse.ArgumentTypeError, match="from 1 to 65535"):
             port_number(bad)
+
+
+def test_a_model_folder_without_config_or_tokenizer_files_is_named_with_what_is_missing(cli_results):
+    empty = next(arg for arg in cli_results["model:empty"]["argv"] if arg.endswith("empty_model"))
+    assert_one_line_error(cli_results["model:empty"], f"medlora infer: error: cannot load model {empty!r}: no "
+                          f"config.json in this folder (not a transformers model folder)")
+    # transformers 5 builds a one-token tokenizer for a folder without tokenizer files; it answered gibberish
+    no_tokenizer = cli_results["model:no_tokenizer"]
+    folder = next(arg for arg in no_tokenizer["argv"] if arg.endswith("no_tokenizer"))
+    line = no_tokenizer["stderr"].strip().splitlines()[-1]
+    assert line.startswith(f"medlora infer: error: {folder}: the tokenizer has ")
+    assert line.endswith("token(s): its files (tokenizer.json, or vocab.json + merges.txt, or tokenizer.model) are "
+                         "missing or unreadable; copy them from the base model")
+    assert_one_line_error(no_tokenizer, line)

@@ -116,10 +116,20 @@ def _hub_kwargs(name_or_path: str) -> dict:
 def _not_found(name_or_path: str, exc: Exception) -> ModelError:
     from medlora.registry import BUILTIN_MODELS
 
+    if Path(name_or_path).is_dir():  # there, but not a model transformers can read (a bad config, no tokenizer...)
+        if not (Path(name_or_path) / "config.json").is_file():
+            return ModelError(f"cannot load model {name_or_path!r}: no config.json in this folder (not a transformers "
+                              f"model folder)")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return ModelError(f"cannot load model {name_or_path!r}: the folder is there but transformers cannot read it "
+                          f"({reason})")
     return ModelError(
         f"cannot load model {name_or_path!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local folder "
         f"with config.json, and not in the local Hugging Face cache (nothing is downloaded) [{type(exc).__name__}]"
     )
+
+
+MIN_VOCAB = 32  # a real tokenizer has thousands of tokens; an empty one has its special tokens only
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False):
@@ -131,6 +141,10 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
         raise _not_found(name_or_path, exc) from None
+    if len(tokenizer) < MIN_VOCAB:  # transformers 5 builds an empty tokenizer for a folder without tokenizer files
+        raise ModelError(f"{name_or_path}: the tokenizer has {len(tokenizer)} token(s): its files (tokenizer.json, "
+                         f"or vocab.json + merges.txt, or tokenizer.model) are missing or unreadable; copy them from "
+                         f"the base model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
