@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from medlora.cli import build_parser, main
 from medlora.commands.finetune import build_options, load_recipe, resolve_options
@@ -67,6 +68,25 @@ def test_defaults_then_recipe_then_flags(tmp_path):
     assert lora.lora_r == 32 and train.num_epochs == 2.0  # recipe over defaults
     assert lora.lora_alpha == LoraArgs().lora_alpha and model == ModelArgs() and data == DataArgs()  # defaults
     assert options()[3] == TrainArgs()
+
+
+def test_the_huatuo_and_alpaca_lora_scripts_flags_are_accepted(monkeypatch):
+    """Huatuo's scripts/finetune.sh passes --prompt_template_name and --wandb_run_name; alpaca-lora's README writes
+    target modules as a python-fire list. Both were refused ('unrecognized arguments', 'not found in this model')."""
+    from medlora.modeling import parse_target_modules
+    from medlora.train import build_trainer
+
+    model, data, lora, train = options("--prompt_template_name", "med_template", "--wandb_run_name", "e1",
+                                       "--lora_target_modules", "[q_proj,k_proj,v_proj,o_proj]", "--report_to", "none")
+    assert data.prompt_template == "med_template" and train.wandb_run_name == "e1"
+    assert parse_target_modules(lora.lora_target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert parse_target_modules("['q_proj', \"v_proj\"]") == ["q_proj", "v_proj"]
+    assert parse_target_modules(" all-linear ") == "all-linear"
+    trainer = build_trainer(torch.nn.Linear(2, 2), None, [], None, train, bf16=False)
+    assert trainer.args.run_name == "e1" and trainer.args.report_to == []
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    with pytest.raises(ConfigError, match="--wandb_project: the wandb package is not installed"):
+        options("--wandb_project", "med")
 
 
 def test_flag_equal_to_the_default_still_overrides_the_recipe(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -89,6 +90,11 @@ class TrainArgs:
     save_bin: bool = opt(False, "also write adapter_model.bin (pickle) for tools that want the seed's file")
     fast_loss: bool = opt(True, "compute LM-head logits and loss only at supervised positions (same loss, faster)")
     report_to: str = opt("auto", "logging integrations: auto (tensorboard when installed), none, tensorboard, wandb")
+    wandb_project: str = opt("", "Weights & Biases project (alpaca-lora's flag): with --report_to auto, log there "
+                                 "(needs the wandb package)")
+    wandb_run_name: str = opt("", "the run's name for the logging integrations (alpaca-lora's and Huatuo's flag)")
+    wandb_watch: str = opt("", "wandb's WANDB_WATCH: false, gradients or all (alpaca-lora's flag)")
+    wandb_log_model: str = opt("", "wandb's WANDB_LOG_MODEL: false, end or checkpoint (alpaca-lora's flag)")
     deepspeed: str = opt("", "DeepSpeed config JSON passed to the Trainer")
     fsdp: str = opt("", "FSDP options passed to the Trainer, e.g. 'full_shard auto_wrap'")
 
@@ -109,6 +115,8 @@ class TrainArgs:
             if set(unknown) - set(INTEGRATION_TO_CALLBACK):
                 raise ConfigError(f"--report_to {self.report_to}: use auto, none, all or any of "
                                   f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+        if self.wandb_project and self.report_to == "auto" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--wandb_project: the wandb package is not installed (pip install wandb), or drop the flag")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ConfigError(f"--output_dir {self.output_dir}: exists and is not a folder")
 

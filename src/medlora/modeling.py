@@ -218,10 +218,11 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, targe
 def parse_target_modules(spec) -> str | list[str]:
     if isinstance(spec, (list, tuple)):
         return list(spec)
-    spec = spec.strip()
+    spec = spec.strip().strip("[]")  # alpaca-lora's scripts write '[q_proj,k_proj,v_proj,o_proj]' (python-fire lists)
     if spec in ("all-linear", "all_linear"):
         return "all-linear"
-    return [name.strip() for name in spec.split(",") if name.strip()]
+    names = (name.strip().strip("'\"").strip() for name in spec.split(","))
+    return [name for name in names if name]
 
 
 def check_target_modules(model, targets) -> None:

@@ -120,7 +120,12 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: boo
     accumulation = gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
     report_to = args.report_to
     if report_to == "auto":
-        report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+        report_to = ("wandb" if args.wandb_project else
+                     "tensorboard" if importlib.util.find_spec("tensorboard") else "none")
+    for variable, value in (("WANDB_PROJECT", args.wandb_project), ("WANDB_WATCH", args.wandb_watch),
+                            ("WANDB_LOG_MODEL", args.wandb_log_model)):
+        if value:  # read by transformers' wandb callback, as in alpaca-lora
+            os.environ[variable] = value
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.micro_batch_size,
@@ -142,6 +147,7 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: boo
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy=sampling_strategy(args),
         report_to=report_to,
+        run_name=args.wandb_run_name or None,
         seed=args.seed,
         data_seed=args.seed,
         remove_unused_columns=False,
