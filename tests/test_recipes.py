@@ -70,14 +70,15 @@ def test_defaults_then_recipe_then_flags(tmp_path):
     assert options()[3] == TrainArgs()
 
 
-def test_the_huatuo_and_alpaca_lora_scripts_flags_are_accepted(monkeypatch):
+def test_the_huatuo_and_alpaca_lora_scripts_flags_are_accepted(monkeypatch, tmp_path):
     """Huatuo's scripts/finetune.sh passes --prompt_template_name and --wandb_run_name; alpaca-lora's README writes
     target modules as a python-fire list. Both were refused ('unrecognized arguments', 'not found in this model')."""
     from medlora.modeling import parse_target_modules
     from medlora.train import build_trainer
 
     model, data, lora, train = options("--prompt_template_name", "med_template", "--wandb_run_name", "e1",
-                                       "--lora_target_modules", "[q_proj,k_proj,v_proj,o_proj]", "--report_to", "none")
+                                       "--lora_target_modules", "[q_proj,k_proj,v_proj,o_proj]", "--report_to", "none",
+                                       "--output_dir", str(tmp_path / "out"))
     assert data.prompt_template == "med_template" and train.wandb_run_name == "e1"
     assert parse_target_modules(lora.lora_target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert parse_target_modules("['q_proj', \"v_proj\"]") == ["q_proj", "v_proj"]
