@@ -9,9 +9,9 @@ import argparse
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from medlora.errors import ConfigError
+from medlora.io import check_output_folder
 
 
 def opt(default, help: str, aliases: tuple[str, ...] = (), choices=None):
@@ -117,8 +117,7 @@ class TrainArgs:
                                   f"{', '.join(INTEGRATION_TO_CALLBACK)}")
         if self.wandb_project and self.report_to == "auto" and importlib.util.find_spec("wandb") is None:
             raise ConfigError("--wandb_project: the wandb package is not installed (pip install wandb), or drop the flag")
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise ConfigError(f"--output_dir {self.output_dir}: exists and is not a folder")
+        check_output_folder("--output_dir", self.output_dir)
 
 
 @dataclass

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from medlora.errors import ConfigError
+
 
 @contextmanager
 def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
@@ -46,6 +48,12 @@ def data_file_hashes(*paths: str, root: str | Path = ".") -> dict[str, str]:
     """{path as given: sha256} for the given paths (relative ones taken from `root`) that are files (a dataset
     folder or hub name is left out)."""
     return {path: file_sha256(Path(root) / path) for path in paths if path and (Path(root) / path).is_file()}
+
+
+def check_output_folder(flag: str, path: str | Path) -> None:
+    """Refuse an output folder that is a file before any work (not a traceback after the work is done)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
 
 
 def atomic_write_text(target: str | Path, text: str) -> Path:

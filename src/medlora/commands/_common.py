@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-from pathlib import Path
 
 from medlora.config import GenerationArgs, ModelArgs, add_dataclass_args, build_dataclass, str2bool
 from medlora.errors import ConfigError
@@ -52,32 +51,24 @@ def load_generator(args: argparse.Namespace, lora_weights: str | None = None):
                           margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora)
 
 
-def positive_int(value: str) -> int:
-    """argparse type of counts such as --batch_size: 1 or more."""
+def _whole_number(value: str, low: int, high: float, expected: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+        number = low - 1
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
 
 
-def check_output_folder(flag: str, path: str | Path) -> None:
-    """Refuse an output folder that is a file before any model loads (not a traceback after the work is done)."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ConfigError(f"{flag} {path}: exists and is not a folder")
+def positive_int(value: str) -> int:
+    """argparse type of counts such as --batch_size: 1 or more."""
+    return _whole_number(value, 1, float("inf"), "a whole number of at least 1")
 
 
 def port_number(value: str) -> int:
     """argparse type of --port: 1 to 65535."""
-    try:
-        port = int(value)
-    except ValueError:
-        port = 0
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {value!r}")
-    return port
+    return _whole_number(value, 1, 65535, "a port number from 1 to 65535")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, title: str, port: int, host_help: str):

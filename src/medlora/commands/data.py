@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from medlora.commands._common import check_output_folder
+from medlora.io import check_output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,10 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import add_generation_arguments, check_output_folder, generation_args, model_args
+from medlora.commands._common import add_generation_arguments, generation_args, model_args
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
 from medlora.errors import ConfigError
+from medlora.io import check_output_folder
 
 BASE_LABEL = "base"
 RESULTS = "results.jsonl"

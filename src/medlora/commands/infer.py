@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
-                                      check_output_folder, generation_args, load_generator, positive_int)
+                                      generation_args, load_generator, positive_int)
 from medlora.config import str2bool
+from medlora.io import check_output_folder
 
 RESULTS = "results.jsonl"
 
