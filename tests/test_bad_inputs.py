@@ -220,6 +220,7 @@ BAD_SETTINGS = {  # finetune flags → the message (a traceback from torch or PE
     ("--lora_r", "0"): "--lora_r and --lora_alpha must be at least 1",
     ("--lora_dropout", "1"): "--lora_dropout must be from 0 up to (not including) 1",
     ("--cutoff_len", "1"): "--cutoff_len must be at least 2 (a prompt token and an answer token)",
+    ("--loraplus_lr_ratio", "0.5"): "--loraplus_lr_ratio must be 0 (off) or at least 1",
     ("--micro_batch_size", "0"): "--micro_batch_size must be at least 1",
     ("--save_steps", "0"): "--save_steps must be at least 1",
     ("--lora_target_modules", ""): "--lora_target_modules is empty: name the modules (e.g. q_proj,v_proj) or use "

@@ -238,3 +238,26 @@ def test_a_steps_gradient_does_not_depend_on_its_split_into_micro_batches(tiny_m
     by_length = accumulated(torch.argsort(lengths, descending=True))
     for name, grad in by_length.items():
         assert (grad - by_index[name]).abs().max() <= 1e-5 * by_index[name].abs().max(), name
+
+
+def test_loraplus_gives_the_b_matrices_the_ratio_times_the_rate_and_trains_them(tiny_model, tmp_path):
+    from datasets import Dataset
+
+    from medlora.config import TrainArgs
+    from medlora.train import build_trainer
+
+    model, batch = lora_batch(tiny_model)
+    tokenizer = load_tokenizer(tiny_model, padding_side="right")
+    examples, _ = tokenize_records(TINY_RECORDS, load_template("med_template"), tokenizer)
+    args = TrainArgs(output_dir=str(tmp_path), batch_size=4, micro_batch_size=4, max_steps=1, learning_rate=1e-3,
+                     warmup_steps=0, loraplus_lr_ratio=16, report_to="none")
+    trainer = build_trainer(model, tokenizer, Dataset.from_list(examples), None, args, bf16=False)
+    rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and {id(p) for p in trained.values()} == set(rates)
+    for name, param in trained.items():
+        assert rates[id(param)] == (16e-3 if "lora_B" in name else 1e-3), name
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in trained.items() if "lora_B" in n)
+

@@ -75,6 +75,8 @@ class TrainArgs:
     warmup_steps: float = opt(0.03, "warmup: a step count, or a fraction of all steps when below 1",
                               aliases=("--warmup_ratio",))
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    loraplus_lr_ratio: float = opt(0.0, "LoRA+ (PEFT's create_loraplus_optimizer): the LoRA B matrices learn this many "
+                                        "times faster than --learning_rate (the A matrices); 0 = plain LoRA")
     eval_steps: int = opt(200, "evaluate on the validation split every N steps (needs --val_set_size)")
     save_steps: int = opt(200, "write a checkpoint every N steps")
     save_total_limit: int = opt(3, "keep at most this many checkpoints")
@@ -108,6 +110,10 @@ class TrainArgs:
             raise ConfigError("--learning_rate must be above 0")
         if not (self.warmup_steps >= 0 and self.weight_decay >= 0):
             raise ConfigError("--warmup_steps and --weight_decay must be 0 or more")
+        if not (self.loraplus_lr_ratio == 0 or 1 <= self.loraplus_lr_ratio < float("inf")):
+            raise ConfigError("--loraplus_lr_ratio must be 0 (off) or at least 1")
+        if self.loraplus_lr_ratio and (self.deepspeed or self.fsdp):
+            raise ConfigError("--loraplus_lr_ratio cannot be combined with --deepspeed or --fsdp (they build the optimizer)")
         unknown = sorted(set(self.report_to.replace(" ", "").split(",")) - {"auto", "none", "all"})
         if unknown:
             from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from peft.helpers import disable_input_dtype_casting
+from peft.optimizers import create_loraplus_optimizer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medlora import __version__
@@ -161,10 +162,22 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArgs, bf16: boo
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)
     trainer_cls = SupervisedLossTrainer if args.fast_loss else Trainer
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=collator, processing_class=tokenizer)
+                          data_collator=collator, processing_class=tokenizer,
+                          optimizers=(loraplus_optimizer(model, training_args, args.loraplus_lr_ratio), None))
     trainer.add_callback(LossLogCallback(Path(args.output_dir) / LOSS_LOG))
     trainer.add_callback(CheckpointMarkerCallback())
     return trainer
+
+
+def loraplus_optimizer(model, training_args: TrainingArguments, ratio: float):
+    """LoRA+ (Hayou et al. 2024, PEFT's create_loraplus_optimizer): the Trainer's own optimizer class and settings,
+    with the LoRA B matrices at `ratio` times the learning rate. None (the Trainer's default optimizer) when 0."""
+    if not ratio:
+        return None
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    kwargs = {key: value for key, value in kwargs.items() if key != "lr"}
+    return create_loraplus_optimizer(model, optimizer_cls, lr=training_args.learning_rate, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=training_args.weight_decay, **kwargs)
 
 
 class SupervisedLossTrainer(Trainer):
