@@ -5,8 +5,7 @@ one record `{"instruction", "input": "", "output"}`: single facts, multi-fact an
 lookups, five-option multiple choice, comparisons, department triage, true/false judgements and prevention advice.
 Outputs are built only from KB facts. Each pair goes to one split by a seeded hash, so the (disease, pattern)
 combinations of the test split never occur in train or valid. Training also gets drills that ask no medical
-knowledge (TRAIN_ONLY_PATTERNS: the look-up step of a multiple-choice answer) and one drug → disease statement per
-drug (`drug_uses`). Same seed → byte-identical files.
+knowledge (TRAIN_ONLY_PATTERNS: the look-up step of a multiple-choice answer). Same seed → byte-identical files.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ KNOWN_KEYS = set(STRING_FIELDS) | set(REQUIRED_LISTS) | set(OPTIONAL_LISTS)
 SPLITS = ("train", "valid", "test")
 TEST_SHARE, VALID_SHARE, MCQ_TEST_SHARE, MIN_MCQ_TEST = 0.08, 0.04, 0.20, 60
 MCQ_TRAIN_VARIANTS = 3  # each training MCQ pair also as 2 more variants (wording, distractors, answer letter)
-LOOKUP_DRILLS = 4  # training-only records per disease that drill the MCQ answer's look-up step (option text -> letter)
+LOOKUP_DRILLS = 2  # training-only records per disease that drill the MCQ answer's look-up step (option text -> letter)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -418,17 +417,11 @@ def _vignette(ix, d, rng):
     return q, _pick(rng, ["可能是{d}。建议做{e}。", "考虑{d}的可能。建议做{e}等检查以明确诊断。"], d=d["name"], e=exams)
 
 
-def _reverse_drug_item(ix, d) -> str | None:
-    """The drug a `reverse_drug` record of `d` asks about: the one fewest other diseases use."""
+def _reverse_drug(ix, d, rng):
     if "drugs" not in d:
         return None
-    return min(d["drugs"], key=lambda x: (len(ix.users("drugs", x)), d["drugs"].index(x)))
-
-
-def _reverse_drug(ix, d, rng):
-    drug = _reverse_drug_item(ix, d)
-    if drug is None:
-        return None
+    drugs = sorted(d["drugs"], key=lambda x: (len(ix.users("drugs", x)), d["drugs"].index(x)))
+    drug = drugs[0]
     others = [o["name"] for o in ix.users("drugs", drug) if o["name"] != d["name"]]
     q = _pick(rng, ["哪种疾病常用药物{x}治疗？", "{x}常用于治疗什么疾病？", "药物{x}主要用来治疗哪种病？"], x=drug)
     if not others:
@@ -676,8 +669,7 @@ def build_tagged(diseases: list[dict], seed: int = 42) -> list[dict]:
             tagged.append({"disease": disease["name"], "pattern": pattern, "instruction": instruction,
                            "input": "", "output": output})
     _assign_splits(tagged, seed)
-    return (tagged + _mcq_variants(ix, diseases, tagged, seed) + _drills(ix, diseases, seed)
-            + _drug_uses(ix, diseases, tagged, seed))
+    return tagged + _mcq_variants(ix, diseases, tagged, seed) + _drills(ix, diseases, seed)
 
 
 def _drills(ix, diseases: list[dict], seed: int) -> list[dict]:
@@ -691,25 +683,6 @@ def _drills(ix, diseases: list[dict], seed: int) -> list[dict]:
                     drills.append({"disease": disease["name"], "pattern": pattern, "instruction": made[0],
                                    "input": "", "output": made[1], "split": "train"})
     return drills
-
-
-def _drug_uses(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[dict]:
-    """Training-only statements, one per drug of the KB: which diseases it treats (drug → disease, the direction
-    that `drug`, `treatment_drug` and `overview` never state: a small model that learns "D常用药物有X" does not
-    thereby answer "X常用于治疗哪种病"). A drug asked about by a valid or test `reverse_drug` record gets none, so
-    those held-out pairs stay unseen."""
-    by_name = {d["name"]: d for d in diseases}
-    held_out = {_reverse_drug_item(ix, by_name[r["disease"]]) for r in tagged
-                if r["pattern"] == "reverse_drug" and r["split"] != "train"}
-    records = []
-    for drug in sorted({x for d in diseases for x in d.get("drugs", [])} - held_out):
-        users = [o["name"] for o in ix.users("drugs", drug)]
-        rng = random.Random(f"{seed}\x1fdrug_uses\x1f{drug}")
-        q = _pick(rng, ["{x}可以治疗哪些疾病？", "药物{x}有什么用途？", "{x}适用于哪些疾病？"], x=drug)
-        answer = f"{drug}常用于治疗{_join(users)}。" if len(users) < 2 else f"{drug}常用于治疗{_join(users)}等疾病。"
-        records.append({"disease": users[0], "pattern": "drug_uses", "instruction": q, "input": "",
-                        "output": answer, "split": "train"})
-    return records
 
 
 def _mcq_variants(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[dict]:
