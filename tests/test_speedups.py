@@ -246,7 +246,7 @@ def test_loraplus_gives_the_b_matrices_the_ratio_times_the_rate_and_trains_them(
     from medlora.config import TrainArgs
     from medlora.train import build_trainer
 
-    model, batch = lora_batch(tiny_model)
+    model, _ = lora_batch(tiny_model)
     tokenizer = load_tokenizer(tiny_model, padding_side="right")
     examples, _ = tokenize_records(TINY_RECORDS, load_template("med_template"), tokenizer)
     args = TrainArgs(output_dir=str(tmp_path), batch_size=4, micro_batch_size=4, max_steps=1, learning_rate=1e-3,
@@ -260,4 +260,3 @@ def test_loraplus_gives_the_b_matrices_the_ratio_times_the_rate_and_trains_them(
     before = {n: p.detach().clone() for n, p in trained.items()}
     trainer.train()
     assert all(not torch.equal(before[n], p) for n, p in trained.items() if "lora_B" in n)
-
