@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from medlora.data import iter_records, load_records
 from medlora.errors import DataError
+from tests.conftest import free_port
 from tests.test_atomic_outputs import lora_on_tiny_qwen2, save_quick_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def cli_results(adapters, tiny_model, tmp_path_factory) -> dict[str, dict]:
            for name in ("no_config", "pickle_only", "truncated", "other_base", "foreign")},
         "infer:pickle_allowed": [*infer, "--lora_weights", str(adapters["pickle_only"]), "--allow_pickle"],
         "merge:truncated": ["merge", *base, "--lora_weights", str(adapters["truncated"]), "--out", str(work / "m")],
-        "serve:no_config": ["serve", *base, "--lora_weights", f"x={adapters['no_config']}", "--port", free_port()],
+        "serve:no_config": ["serve", *base, "--lora_weights", f"x={adapters['no_config']}", "--port", str(free_port())],
         "eval:other_base": ["eval", *base, "--lora_weights", str(adapters["other_base"]), "--data", str(good_data),
                             "--out", str(work / "ev")],
         # settings out of range, and output folders that are files
@@ -229,12 +229,6 @@ BAD_SETTINGS = {  # finetune flags → the message (a traceback from torch or PE
                               "tensorboard, trackio, wandb, codecarbon, clearml, dagshub, flyte, dvclive, swanlab, "
                               "kubeflow",
 }
-
-
-def free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def assert_one_line_error(result: dict, line: str, weights_loaded: int = 0) -> None:
