@@ -72,7 +72,7 @@ def ref_infer(model, tokenizer, template, records, max_new_tokens=128, num_beams
                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     answers, start = [], time.perf_counter()
     for r in records:
-        inputs = tokenizer(template.build_prompt(r["instruction"], r["input"]), return_tensors="pt")
+        inputs = tokenizer(template.build_prompt(r["instruction"], r["input"]), return_tensors="pt").to(model.device)
         output = model.generate(**inputs, generation_config=config)
         answers.append(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return answers, time.perf_counter() - start

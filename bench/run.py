@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HUATUO = REPO.parent / "shared" / "data" / "huatuo"
+HUATUO = Path(os.environ.get("MEDLORA_HUATUO_DIR") or REPO.parent / "shared" / "data" / "huatuo")
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -35,6 +35,13 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory this process allocated through torch (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def load_workload(n: int, offset: int = 0) -> list[dict]:
@@ -78,7 +85,7 @@ def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = Fals
                                  save_steps=10**9, logging_steps=10**9, report_to="none", seed=seed,
                                  group_by_length=grouped, sort_within_step=not unsorted), echo=lambda *a: None)
         result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens}
-    result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb())
+    result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb())
     return result
 
 
@@ -117,7 +124,7 @@ def worker_val_loss(adapter: str, n_val: int, offset: int) -> dict:
     total = 0.0
     with torch.inference_mode():
         for start in range(0, len(examples), 8):
-            batch = collate(examples[start:start + 8])
+            batch = {k: v.to(model.device) for k, v in collate(examples[start:start + 8]).items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += model(**batch).loss.item() * n
     return {"val_loss": total / stats.n_supervised_tokens}
@@ -135,7 +142,8 @@ def worker_infer(impl: str, n: int) -> dict:
         from ref_recipe import ref_infer
 
         tokenizer = load_tokenizer("gemma3-270m")
-        model = AutoModelForCausalLM.from_pretrained(prepare_builtin("gemma3-270m"), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(prepare_builtin("gemma3-270m"), dtype=torch.float32)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         answers, seconds = ref_infer(model, tokenizer, template(), records, SETTINGS["max_new_tokens"])
     else:
         from medlora.config import GenerationArgs
@@ -171,20 +179,25 @@ def worker_latency() -> dict:
 
 
 def worker_peak() -> dict:
-    """Measured bf16 matmul peak of this CPU (GFLOPS), all threads."""
+    """Measured bf16 matmul peak (GFLOPS) of the device the bench trains on: all CPU threads, or the GPU."""
     import torch
 
-    size = 2048
-    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
     for _ in range(3):
         a @ b
     best = 0.0
     for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(10):
             a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = max(best, 10 * 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
-    return {"gflops": best}
+    return {"gflops": best, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
 
 WORKERS = {"train": worker_train, "val_loss": worker_val_loss, "infer": worker_infer, "latency": worker_latency,

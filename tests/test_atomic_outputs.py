@@ -274,7 +274,9 @@ def leftovers(work: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def kill_rounds(tiny_model, tmp_path_factory) -> dict[str, list[dict]]:
     """Every round of every kind: one worker process per kind, all started at once."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # CPU only: the children are forked, and a forked child cannot use CUDA that its parent set up (seen on a GPU
+    # machine: every child died before its first write). What is tested is the files, not the device.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     procs = {kind: subprocess.Popen([sys.executable, __file__, kind, str(tmp_path_factory.mktemp(f"kill-{kind}")), "8"],
                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for kind in KINDS}

@@ -34,6 +34,9 @@ FLAGS = ["--max_steps", str(STEPS), "--batch_size", "8", "--micro_batch_size", "
          "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--dtype", "fp32", "--group_by_length", "false",
          "--seed", "11", "--report_to", "none"]
 ATOL = 1e-5
+# gloo on CPU unless there is a GPU per process (two ranks on one GPU are refused: see the test below); the
+# single-process run compares on the same device.
+CPU_UNLESS_ENOUGH_GPUS = {} if torch.cuda.device_count() >= WORLD else {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def finetune_args(model: str, data: Path, out: Path) -> list[str]:
@@ -43,7 +46,7 @@ def finetune_args(model: str, data: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def single(tiny_model, tiny_records_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    run_medlora(*finetune_args(tiny_model, tiny_records_file, out))
+    run_medlora(*finetune_args(tiny_model, tiny_records_file, out), env=CPU_UNLESS_ENOUGH_GPUS)
     return out
 
 
@@ -53,7 +56,7 @@ def ddp(tiny_model, tiny_records_file, tmp_path_factory) -> tuple[Path, subproce
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                "-m", "medlora.cli", *finetune_args(tiny_model, tiny_records_file, out)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_UNLESS_ENOUGH_GPUS})
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return out, proc
 
@@ -136,6 +139,20 @@ def test_sharding_options_are_refused_without_cuda(tiny_model, tiny_records_file
     assert main([*finetune_args(tiny_model, tiny_records_file, out), *flags]) == 2
     err = capsys.readouterr().err
     assert "--deepspeed/--fsdp need CUDA" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_more_processes_than_gpus_is_refused_before_loading(tiny_model, tiny_records_file, tmp_path, capsys,
+                                                            monkeypatch):
+    # Seen on a one-GPU machine: two torchrun ranks failed in DDP's set-up with NCCL's "Duplicate GPU detected".
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("medlora.train.load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_model, tiny_records_file, out)) == 2
+    err = capsys.readouterr().err
+    assert "2 processes" in err and "1 CUDA GPU" in err and "--nproc_per_node 1" in err and "Traceback" not in err
     assert not out.exists()
 
 

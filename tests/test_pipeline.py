@@ -86,6 +86,7 @@ def test_reloaded_adapter_gives_the_in_memory_logits(tiny_model, tiny_records_fi
     batch = tokenizer([r["instruction"] for r in TINY_RECORDS], return_tensors="pt", padding=True)
     in_memory = captured["model"].eval()
     reloaded = load_adapter(load_base_model(tiny_model, dtype="fp32"), tmp_path / "a").eval()
+    batch = batch.to(reloaded.device)
     with torch.no_grad():
         expected, actual = in_memory(**batch).logits, reloaded(**batch).logits
     assert torch.allclose(expected, actual, atol=1e-5)

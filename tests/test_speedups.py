@@ -18,6 +18,7 @@ def lora_batch(tiny_model):
     examples, _ = tokenize_records(TINY_RECORDS, load_template("med_template"), tokenizer)
     batch = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)(examples)
     model = attach_lora(load_base_model(tiny_model, dtype="fp32"), 8, 16, 0.0, "all-linear")
+    batch = {k: v.to(model.device) for k, v in batch.items()}  # the model is on CUDA where there is one
     for name, param in model.named_parameters():  # non-zero B so that LoRA matters for the gradients
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -88,7 +89,7 @@ def test_bf16_autocast_without_input_casting_matches_within_bf16_noise(tiny_mode
     from peft.helpers import disable_input_dtype_casting
 
     model, batch = lora_batch(tiny_model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
         cast, n = supervised_loss(model, batch)
         with disable_input_dtype_casting(model):
             uncast, _ = supervised_loss(model, batch)
@@ -132,6 +133,7 @@ def test_busy_cores_sees_another_process_and_threads_leave_it_alone(monkeypatch)
     monkeypatch.delenv("MEDLORA_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(modeling, "busy_cores", lambda: 64.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # with CUDA it keeps torch's own count
     try:
         assert modeling.configure_threads() == 1
         monkeypatch.setenv("MEDLORA_THREADS", "2")

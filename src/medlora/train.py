@@ -76,6 +76,17 @@ def check_sharding_options(args: TrainArgs) -> None:
         raise ConfigError("--deepspeed needs the deepspeed package (pip install deepspeed)")
 
 
+def check_gpus_per_process() -> None:
+    """Under a launcher on a CUDA machine each process needs a GPU of its own: NCCL refuses two ranks on one device
+    (`Duplicate GPU detected`), after the model is loaded. Said before loading, with the two ways out."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and torch.cuda.is_available() and local > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ConfigError(f"{local} processes were started on this machine but it has {gpus} CUDA GPU(s): each "
+                          f"process needs its own GPU; start --nproc_per_node {gpus}, or hide the GPUs "
+                          "(CUDA_VISIBLE_DEVICES=) to train on CPU")
+
+
 def check_cutoff_len(base_model: str, cutoff_len: int, trust_remote_code: bool = False) -> None:
     """Fail before loading weights when examples could exceed the model's context."""
     from transformers import AutoConfig
@@ -287,6 +298,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code)
     gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
     check_sharding_options(args)
+    check_gpus_per_process()
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,
                                     echo if is_main_process() else (lambda *_: None))
 
