@@ -134,8 +134,9 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
         options = dict(line.split(". ", 1) for line in lines[1:])
         assert list(options) == list("ABCDE") and len(set(options.values())) == 5
         letter = match.group(1)
-        # the fact, naming the option in its exact words, then that option's letter
-        why, step = r["output"].split("\n")[0].removeprefix("解析: ").rsplit("。", 2)[:2]
+        # the options restated (letter after text), the fact naming the option in its exact words, then its letter
+        listed, why, step = r["output"].split("\n")[0].removeprefix("解析: ").rsplit("。", 3)[:3]
+        assert listed == "选项: " + "、".join(f"{text}({x})" for x, text in options.items())
         assert options[letter] in why and step == f"{options[letter]}是选项{letter}"
         chosen, d = options[letter], by_name[r["disease"]]
         if r["pattern"] in ("mcq_symptom", "mcq_drug"):
@@ -173,9 +174,24 @@ def test_lookup_drills_are_training_only_and_point_at_the_named_option(tagged):
         options = dict(line.split(". ", 1) for line in r["instruction"].split("\n")[1:])
         letter = MCQ_OUTPUT.match(r["output"]).group(1)
         assert list(options.values()).count(named) == 1 and options[letter] == named
-        assert r["output"] == f"解析: {named}是选项{letter}。\n答案: {letter}"
+        listed = "、".join(f"{text}({x})" for x, text in options.items())
+        assert r["output"] == f"解析: 选项: {listed}。{named}是选项{letter}。\n答案: {letter}"
         letters[letter] += 1
     assert len(letters) == 5
+
+
+def test_every_drug_gets_a_training_statement_unless_a_held_out_pair_asks_about_it(diseases, tagged):
+    drug_of = re.compile(r"^(.+?)常用于治疗")
+    uses = {drug_of.match(r["output"]).group(1): r for r in tagged if r["pattern"] == "drug_uses"}
+    assert {r["split"] for r in uses.values()} == {"train"}
+    asked = {drug_of.match(r["output"]).group(1) for r in tagged
+             if r["pattern"] == "reverse_drug" and r["split"] != "train"}
+    assert asked and not asked & set(uses)  # held-out reverse_drug pairs stay unseen
+    drugs = {x for d in diseases for x in d.get("drugs", [])}
+    assert set(uses) | asked == drugs and len(uses) == len(drugs - asked)
+    for d in diseases:
+        for drug in set(d.get("drugs", [])) - asked:
+            assert d["name"] in uses[drug]["output"], (drug, d["name"])
 
 
 def test_outputs_end_with_a_full_stop(tagged):

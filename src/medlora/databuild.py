@@ -5,7 +5,8 @@ one record `{"instruction", "input": "", "output"}`: single facts, multi-fact an
 lookups, five-option multiple choice, comparisons, department triage, true/false judgements and prevention advice.
 Outputs are built only from KB facts. Each pair goes to one split by a seeded hash, so the (disease, pattern)
 combinations of the test split never occur in train or valid. Training also gets drills that ask no medical
-knowledge (TRAIN_ONLY_PATTERNS: the look-up step of a multiple-choice answer). Same seed → byte-identical files.
+knowledge (TRAIN_ONLY_PATTERNS: the look-up step of a multiple-choice answer) and one drug → disease statement per
+drug (`drug_uses`). Same seed → byte-identical files.
 """
 
 from __future__ import annotations
@@ -236,22 +237,25 @@ def _pick(rng: random.Random, phrasings: list[str], **values) -> str:
 
 def _mcq(rng: random.Random, question: str, correct: str, distractors: list[str], why: str) -> tuple[str, str]:
     options = list(distractors[:4])
-    position = rng.randrange(5)
-    options.insert(position, correct)
-    return f"{question}\n{_option_lines(options)}", _mcq_answer(why, correct, "ABCDE"[position])
+    options.insert(rng.randrange(5), correct)
+    return f"{question}\n{_option_lines(options)}", _mcq_answer(why, options, correct)
 
 
 def _option_lines(options: list[str]) -> str:
     return "\n".join(f"{letter}. {option}" for letter, option in zip("ABCDE", options))
 
 
-def _mcq_answer(why: str, chosen: str, letter: str) -> str:
-    """The fact, which names the chosen option in its exact words; then that option's letter (`X是选项B。`); then
-    `答案: B`. Each step is one small skill: recall (the fact), copy (the option text out of the fact), look-up (the
-    letter of the line holding that text, drilled by the `lookup` records) and copy again. Earlier forms asked a
-    small model for the letter straight after its reason (it wrote a favourite letter) or for a 是/否 on each option
-    (it learned where the 是 usually falls, not what it meant)."""
-    return f"解析: {why}{chosen}是选项{letter}。\n答案: {letter}"
+def _mcq_answer(why: str, options: list[str], chosen: str) -> str:
+    """First the options restated with each letter after its text (`选项: 妇科(A)、儿科(B)…。`), then the fact, which
+    names the chosen option in its exact words, then that option's letter (`儿科是选项B。`), then `答案: B`. Each step
+    is one small skill: copy (the restated list), recall (the fact), copy (the option text out of the fact), look-up
+    and copy again. Restating puts the letter *after* its text, so the look-up is a forward copy (find the text, copy
+    what follows); with the options only as `B. 儿科` the letter comes before the text, and a 270M model at 0.4 epoch
+    picked a neighbouring or favourite letter for about half of its answers. Earlier forms asked for the letter straight
+    after the reason (a favourite letter) or for a 是/否 on each option (where the 是 usually falls)."""
+    letter = "ABCDE"[options.index(chosen)]
+    listed = "、".join(f"{text}({x})" for x, text in zip("ABCDE", options))
+    return f"解析: 选项: {listed}。{why}{chosen}是选项{letter}。\n答案: {letter}"
 
 
 def _distinct(rng: random.Random, pool: list[str], k: int, avoid: list[str]) -> list[str] | None:
@@ -417,11 +421,17 @@ def _vignette(ix, d, rng):
     return q, _pick(rng, ["可能是{d}。建议做{e}。", "考虑{d}的可能。建议做{e}等检查以明确诊断。"], d=d["name"], e=exams)
 
 
-def _reverse_drug(ix, d, rng):
+def _reverse_drug_item(ix, d) -> str | None:
+    """The drug a `reverse_drug` record of `d` asks about: the one fewest other diseases use."""
     if "drugs" not in d:
         return None
-    drugs = sorted(d["drugs"], key=lambda x: (len(ix.users("drugs", x)), d["drugs"].index(x)))
-    drug = drugs[0]
+    return min(d["drugs"], key=lambda x: (len(ix.users("drugs", x)), d["drugs"].index(x)))
+
+
+def _reverse_drug(ix, d, rng):
+    drug = _reverse_drug_item(ix, d)
+    if drug is None:
+        return None
     others = [o["name"] for o in ix.users("drugs", drug) if o["name"] != d["name"]]
     q = _pick(rng, ["哪种疾病常用药物{x}治疗？", "{x}常用于治疗什么疾病？", "药物{x}主要用来治疗哪种病？"], x=drug)
     if not others:
@@ -522,10 +532,9 @@ def _lookup(ix, d, rng):
     distractors = _distinct(rng, pool, 4, [d[kind]])
     if distractors is None:
         return None
-    position = rng.randrange(5)
-    distractors.insert(position, d[kind])
+    distractors.insert(rng.randrange(5), d[kind])
     q = _pick(rng, ["下列选项中，哪一项是“{x}”？", "“{x}”是下列哪个选项？", "请找出“{x}”对应的选项。"], x=d[kind])
-    return f"{q}\n{_option_lines(distractors)}", _mcq_answer("", d[kind], "ABCDE"[position])
+    return f"{q}\n{_option_lines(distractors)}", _mcq_answer("", distractors, d[kind])
 
 
 def _compare_cause(ix, d, rng):
@@ -669,7 +678,8 @@ def build_tagged(diseases: list[dict], seed: int = 42) -> list[dict]:
             tagged.append({"disease": disease["name"], "pattern": pattern, "instruction": instruction,
                            "input": "", "output": output})
     _assign_splits(tagged, seed)
-    return tagged + _mcq_variants(ix, diseases, tagged, seed) + _drills(ix, diseases, seed)
+    return (tagged + _mcq_variants(ix, diseases, tagged, seed) + _drills(ix, diseases, seed)
+            + _drug_uses(ix, diseases, tagged, seed))
 
 
 def _drills(ix, diseases: list[dict], seed: int) -> list[dict]:
@@ -683,6 +693,25 @@ def _drills(ix, diseases: list[dict], seed: int) -> list[dict]:
                     drills.append({"disease": disease["name"], "pattern": pattern, "instruction": made[0],
                                    "input": "", "output": made[1], "split": "train"})
     return drills
+
+
+def _drug_uses(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[dict]:
+    """Training-only statements, one per drug of the KB: which diseases it treats (drug → disease, the direction
+    that `drug`, `treatment_drug` and `overview` never state: a small model that learns "D常用药物有X" does not
+    thereby answer "X常用于治疗哪种病"). A drug asked about by a valid or test `reverse_drug` record gets none, so
+    those held-out pairs stay unseen."""
+    by_name = {d["name"]: d for d in diseases}
+    held_out = {_reverse_drug_item(ix, by_name[r["disease"]]) for r in tagged
+                if r["pattern"] == "reverse_drug" and r["split"] != "train"}
+    records = []
+    for drug in sorted({x for d in diseases for x in d.get("drugs", [])} - held_out):
+        users = [o["name"] for o in ix.users("drugs", drug)]
+        rng = random.Random(f"{seed}\x1fdrug_uses\x1f{drug}")
+        q = _pick(rng, ["{x}可以治疗哪些疾病？", "药物{x}有什么用途？", "{x}适用于哪些疾病？"], x=drug)
+        answer = f"{drug}常用于治疗{_join(users)}。" if len(users) < 2 else f"{drug}常用于治疗{_join(users)}等疾病。"
+        records.append({"disease": users[0], "pattern": "drug_uses", "instruction": q, "input": "",
+                        "output": answer, "split": "train"})
+    return records
 
 
 def _mcq_variants(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[dict]:

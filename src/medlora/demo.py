@@ -48,8 +48,8 @@ def adapter_is_current(adapter: Path, recipe: Path) -> bool:
 def run(retrain: bool = False, limit: int | None = None) -> int:
     print(DISCLAIMER, flush=True)
     if retrain or not adapter_is_current(ADAPTER, RECIPE):
-        print(f"[medlora] fine-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (about 10-13 minutes on 2 CPU cores, "
-              f"then 10 minutes of evaluation)", flush=True)
+        print(f"[medlora] fine-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (about 10-14 minutes on 2 CPU cores, "
+              f"then 15 minutes of evaluation)", flush=True)
         code = medlora(["finetune", "--config", str(RECIPE)])
         if code:
             return code
