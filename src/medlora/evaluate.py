@@ -100,6 +100,11 @@ _CHOICE_PATTERNS = [re.compile(p) for p in [
 ]]
 
 
+# A restated option list, `选项: 妇科(A)、儿科(B)、…。` (the built-in data's answers begin with one): it names every
+# letter, so it chooses none; an answer cut off inside or right after it must not count as choosing (A).
+_RESTATED = re.compile(rf"选项\s*[:：]\s*(?:[^、,，。\n]+?{_OPEN}{_LETTER}{_CLOSE}\s*[、,，]?\s*){{2,}}[。.]?")
+
+
 def parse_options(text: str) -> dict[str, str]:
     """Options listed as `A. …` (or `A、…`, `(A) …`), one a line or several on one line: {letter: text}."""
     text = unicodedata.normalize("NFKC", text or "")
@@ -119,7 +124,7 @@ def _choice_by_option_text(answer: str, options: dict[str, str]) -> str | None:
 
 def extract_choice(answer: str, instruction: str = "", options: dict[str, str] | None = None) -> str | None:
     """The option letter (A-E) a free-text answer chooses, or None when it names none (or several)."""
-    text = unicodedata.normalize("NFKC", answer or "").strip()
+    text = _RESTATED.sub(" ", unicodedata.normalize("NFKC", answer or "")).strip()
     for pattern in _CHOICE_PATTERNS:
         match = pattern.search(text)
         if match:
