@@ -142,8 +142,10 @@ def worker_infer(impl: str, n: int) -> dict:
         from ref_recipe import ref_infer
 
         tokenizer = load_tokenizer("gemma3-270m")
+        from medlora.modeling import default_device
+
         model = AutoModelForCausalLM.from_pretrained(prepare_builtin("gemma3-270m"), dtype=torch.float32)
-        model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        model = model.to(default_device()).eval()
         answers, seconds = ref_infer(model, tokenizer, template(), records, SETTINGS["max_new_tokens"])
     else:
         from medlora.config import GenerationArgs
@@ -182,20 +184,21 @@ def worker_peak() -> dict:
     """Measured bf16 matmul peak (GFLOPS) of the device the bench trains on: all CPU threads, or the GPU."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from medlora.modeling import default_device
+
+    device = default_device()
     size = 8192 if device == "cuda" else 2048
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
     for _ in range(3):
         a @ b
     best = 0.0
     for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(10):
             a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = max(best, 10 * 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
     return {"gflops": best, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 

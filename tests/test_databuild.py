@@ -123,6 +123,11 @@ def test_splits_are_disjoint_on_disease_and_pattern(tagged):
     assert counts["test"] >= 0.05 * len(tagged) and counts["valid"] > 0
 
 
+def restated(options: dict[str, str]) -> str:
+    """The option list an MCQ answer restates: each text with its letter after it."""
+    return "、".join(f"{text}({x})" for x, text in options.items())
+
+
 def test_mcq_answers_point_at_the_right_option(diseases, tagged):
     by_name = {d["name"]: d for d in diseases}
     mcqs = [r for r in tagged if r["pattern"] in MCQ_PATTERNS]
@@ -136,7 +141,7 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
         letter = match.group(1)
         # the options restated (letter after text), the fact naming the option in its exact words, then its letter
         listed, why, step = r["output"].split("\n")[0].removeprefix("解析: ").rsplit("。", 3)[:3]
-        assert listed == "选项: " + "、".join(f"{text}({x})" for x, text in options.items())
+        assert listed == "选项: " + restated(options)
         assert options[letter] in why and step == f"{options[letter]}是选项{letter}"
         chosen, d = options[letter], by_name[r["disease"]]
         if r["pattern"] in ("mcq_symptom", "mcq_drug"):
@@ -174,8 +179,7 @@ def test_lookup_drills_are_training_only_and_point_at_the_named_option(tagged):
         options = dict(line.split(". ", 1) for line in r["instruction"].split("\n")[1:])
         letter = MCQ_OUTPUT.match(r["output"]).group(1)
         assert list(options.values()).count(named) == 1 and options[letter] == named
-        listed = "、".join(f"{text}({x})" for x, text in options.items())
-        assert r["output"] == f"解析: 选项: {listed}。{named}是选项{letter}。\n答案: {letter}"
+        assert r["output"] == f"解析: 选项: {restated(options)}。{named}是选项{letter}。\n答案: {letter}"
         letters[letter] += 1
     assert len(letters) == 5
 

@@ -4,12 +4,11 @@ import json
 import sys
 import time
 
-import torch
-
 from medlora.cli import main
+from run import peak_gpu_mb  # bench/run.py (check.sh puts bench/ on PYTHONPATH)
 
 start = time.time()
 rc = main(sys.argv[1:])
-peak = round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None
+peak = peak_gpu_mb()
 print("RESULT " + json.dumps({"command": sys.argv[1], "rc": rc, "seconds": round(time.time() - start, 1),
-                              "gpu_peak_mb": peak}), flush=True)
+                              "gpu_peak_mb": None if peak is None else round(peak)}), flush=True)
