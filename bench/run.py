@@ -137,13 +137,11 @@ def worker_infer(impl: str, n: int) -> dict:
     if impl == "ref":
         from transformers import AutoModelForCausalLM
 
-        from medlora.modeling import load_tokenizer
+        from medlora.modeling import default_device, load_tokenizer
         from medlora.registry import prepare_builtin
         from ref_recipe import ref_infer
 
         tokenizer = load_tokenizer("gemma3-270m")
-        from medlora.modeling import default_device
-
         model = AutoModelForCausalLM.from_pretrained(prepare_builtin("gemma3-270m"), dtype=torch.float32)
         model = model.to(default_device()).eval()
         answers, seconds = ref_infer(model, tokenizer, template(), records, SETTINGS["max_new_tokens"])

@@ -708,9 +708,9 @@ def _drug_uses(ix, diseases: list[dict], tagged: list[dict], seed: int) -> list[
         users = [o["name"] for o in ix.users("drugs", drug)]
         rng = random.Random(f"{seed}\x1fdrug_uses\x1f{drug}")
         q = _pick(rng, ["{x}可以治疗哪些疾病？", "药物{x}有什么用途？", "{x}适用于哪些疾病？"], x=drug)
-        answer = f"{drug}常用于治疗{_join(users)}。" if len(users) < 2 else f"{drug}常用于治疗{_join(users)}等疾病。"
+        several = "等疾病" if len(users) > 1 else ""
         records.append({"disease": users[0], "pattern": "drug_uses", "instruction": q, "input": "",
-                        "output": answer, "split": "train"})
+                        "output": f"{drug}常用于治疗{_join(users)}{several}。", "split": "train"})
     return records
 
 
