@@ -32,6 +32,8 @@ train-full: $(STAMP)
 	$(BIN)/medlora finetune --config recipes/gemma3-270m-full.yaml
 	$(BIN)/medlora eval --base_model gemma3-270m --lora_weights tuned=runs/full/adapter \
 		--data data/medqa/test.jsonl --out runs/full/eval --train_dir runs/full/adapter --frequency_penalty 0.3
+	$(BIN)/medlora eval --base_model gemma3-270m --lora_weights tuned=runs/full/adapter \
+		--data data/exam/exam.jsonl --out runs/full/exam --train_dir runs/full/adapter --frequency_penalty 0.3
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --write docs/benchmarks.md

@@ -153,10 +153,16 @@ def test_score_results_without_mcq_gives_null_accuracy():
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_model, tiny_adapter, tiny_records_file, tmp_path_factory):
+def evaluated(tiny_model, tiny_adapter, tmp_path_factory):
+    # the records labelled as the exam's are (kind, disease, attribute): the labels reach results.jsonl
+    labelled = tmp_path_factory.mktemp("eval-data") / "labelled.jsonl"
+    labels = [{"kind": "free", "disease": "支气管哮喘" if "哮喘" in r["instruction"] else "",
+               "attribute": "drugs" if "哮喘" in r["instruction"] else ""} for r in TINY_RECORDS]
+    labelled.write_text("".join(json.dumps({**r, **extra}, ensure_ascii=False) + "\n"
+                                for r, extra in zip(TINY_RECORDS, labels)), encoding="utf-8")
     out = tmp_path_factory.mktemp("eval") / "ev"
     proc = run_medlora("eval", "--base_model", tiny_model, "--lora_weights", str(tiny_adapter), "--data",
-                       str(tiny_records_file), "--out", str(out), "--dtype", "fp32", "--max_new_tokens", "24",
+                       str(labelled), "--out", str(out), "--dtype", "fp32", "--max_new_tokens", "24",
                        "--perplexity", "--show", "1")
     return out, proc
 
@@ -170,6 +176,13 @@ def test_eval_writes_metrics_and_reports(evaluated, tiny_adapter):
     assert metrics[tuned]["rougeL"] > metrics["base"]["rougeL"]
     assert metrics[tuned]["perplexity"] < metrics["base"]["perplexity"]
     assert metrics[tuned]["n"] == len(TINY_RECORDS)
+    # the fact-level scores: the tuned model answers 沙丁胺醇吸入 to the asthma record (1 of the KB's 5 drugs)
+    assert metrics[tuned]["fact_n"] == 1 and metrics[tuned]["fact_recall"] == 0.2
+    assert metrics[tuned]["fact_precision"] == 1.0 and metrics[tuned]["leak_rate"] == 0.0
+    assert list(metrics[tuned]["by_kind"]) == ["free"] and metrics[tuned]["by_kind"]["free"]["rougeL"] == 1.0
+    rows = [json.loads(line) for line in (out / tuned / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["kind"] for row in rows] == ["free"] * len(TINY_RECORDS)
+    assert "Fact-level scores" in (out / "report.md").read_text(encoding="utf-8")
     for name in ("report.html", "report.md", "base/results.jsonl", f"{tuned}/results.jsonl"):
         assert (out / name).is_file(), name
     assert "###model output###" in proc.stdout and "ROUGE-L" in proc.stdout

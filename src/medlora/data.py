@@ -20,6 +20,8 @@ from medlora.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 FIELDS = ("instruction", "input", "output")
+# Optional labels that an evaluation set may carry (data/exam): kept as they are, read by medlora.evaluate's scores.
+META_FIELDS = ("kind", "chapter", "disease", "attribute", "layout", "safe_action")
 NEWLINE = b"\n"
 CJK = re.compile("[\u3000-\u9fff\uff00-\uffef]")
 CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # csv's default is 128 KiB per field; a long answer is still a record
@@ -116,6 +118,11 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
         if name != "input" and not optional and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         record[name] = value
+    for name in META_FIELDS:
+        if row.get(name) is not None:
+            if not isinstance(row[name], str):
+                raise DataError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
+            record[name] = row[name]
     return record
 
 

@@ -2,7 +2,8 @@
 
 Prepares Gemma-3-270m, fine-tunes a LoRA adapter on the built-in medqa training split (recipe
 `recipes/gemma3-270m-demo.yaml`, sized for a 2-core CPU), then evaluates the base model and the adapter on the
-test split: seed-style answer blocks, the metrics table and a report in runs/demo/eval.
+test split (runs/demo/eval) and on the independent exam (runs/demo/exam, the headline: fact-level scores, leaks,
+safety): seed-style answer blocks, the metrics tables and a report for each.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ RECIPE = REPO / "recipes" / "gemma3-270m-demo.yaml"
 ADAPTER = REPO / "runs" / "demo" / "adapter"
 EVAL_DIR = REPO / "runs" / "demo" / "eval"
 TEST_SPLIT = REPO / "data" / "medqa" / "test.jsonl"
+EXAM = REPO / "data" / "exam" / "exam.jsonl"
+EXAM_DIR = REPO / "runs" / "demo" / "exam"
 # Greedy, with OpenAI's frequency penalty on the answer's own tokens: after 10 minutes of training the adapter still
 # falls into list loops (`贫血、贫血、…`) on about 7% of the answers; a flat repetition penalty of 1.1 freed few of
 # them, a penalty growing with each repeat frees them all (measured on the demo adapter: README, Results).
@@ -48,29 +51,31 @@ def adapter_is_current(adapter: Path, recipe: Path) -> bool:
 def run(retrain: bool = False, limit: int | None = None) -> int:
     print(DISCLAIMER, flush=True)
     if retrain or not adapter_is_current(ADAPTER, RECIPE):
-        print(f"[medlora] fine-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (about 10-14 minutes on 2 CPU cores, "
-              f"then 15 minutes of evaluation)", flush=True)
+        print(f"[medlora] fine-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (about 15 minutes on 2 CPU cores, "
+              f"then about 25 minutes of evaluation)", flush=True)
         code = medlora(["finetune", "--config", str(RECIPE)])
         if code:
             return code
     else:
         print(f"[medlora] {ADAPTER.relative_to(REPO)} is already trained from this recipe: reusing it "
               f"(make demo-retrain, or delete runs/demo, to train again)", flush=True)
-    args = ["eval", "--base_model", "gemma3-270m", "--lora_weights", f"tuned={ADAPTER}", "--data", str(TEST_SPLIT),
-            "--out", str(EVAL_DIR), "--train_dir", str(ADAPTER), "--batch_size", "16",
-            "--show", "5", *DECODING]
-    if limit:
-        args += ["--limit", str(limit)]
-    code = medlora(args)
-    if code == 0:
-        print(f"[medlora] report: {EVAL_DIR / 'report.html'} (and report.md, metrics.json)")
-    return code
+    # the generator's own test split first, then the independent exam, whose tables are printed last
+    for data, out in ((TEST_SPLIT, EVAL_DIR), (EXAM, EXAM_DIR)):
+        print(f"[medlora] evaluating base and tuned on {data.relative_to(REPO)}", flush=True)
+        args = ["eval", "--base_model", "gemma3-270m", "--lora_weights", f"tuned={ADAPTER}", "--data", str(data),
+                "--out", str(out), "--train_dir", str(ADAPTER), "--batch_size", "16", "--show", "5", *DECODING]
+        code = medlora(args + (["--limit", str(limit)] if limit else []))
+        if code:
+            return code
+    print(f"[medlora] reports: {EXAM_DIR / 'report.html'} (the exam), {EVAL_DIR / 'report.html'} (the test split); "
+          f"each with report.md and metrics.json")
+    return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m medlora.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--retrain", action="store_true", help="train again even if runs/demo/adapter is current")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test records")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of the test split and the exam")
     args = parser.parse_args()
     sys.exit(run(args.retrain, args.limit))
 

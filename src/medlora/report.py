@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlora.errors import ConfigError
-from medlora.evaluate import best_labels, format_value, per_record_rouge_l, shown_metrics
+from medlora.evaluate import per_record_rouge_l, table_cells
 from medlora.io import atomic_path, atomic_write_text
 
 LOSS_LOG = "loss_log.jsonl"  # written by medlora.train into the training output folder
@@ -107,13 +107,14 @@ def _score(value) -> str:
 
 
 def markdown_metrics(metrics_by_label: dict[str, dict]) -> list[str]:
-    columns, best = shown_metrics(metrics_by_label), best_labels(metrics_by_label)
-    lines = ["| model | " + " | ".join(m.header for m in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for label, metrics in metrics_by_label.items():
-        cells = [format_value(metrics.get(m.key), m) for m in columns]
-        cells = [f"**{c}** ★" if label in best.get(m.key, ()) else c for c, m in zip(cells, columns)]
-        lines.append(f"| {_md(label)} | " + " | ".join(cells) + " |")
+    """Every table of `medlora.evaluate.sections`, headline first, each under its own heading."""
+    lines = []
+    for title, columns, rows in table_cells(metrics_by_label):
+        lines += [f"### {title}", "", "| model | " + " | ".join(m.header for m in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        lines += [f"| {_md(label)} | " + " | ".join(f"**{text}** ★" if best else text for text, best in cells) + " |"
+                  for label, cells in rows]
+        lines.append("")
     return lines
 
 
@@ -122,8 +123,9 @@ def render_markdown(metrics_by_label: dict[str, dict], records: list[ComparedRec
     lines = ["# medlora evaluation", ""]
     if subtitle:
         lines += [_md(subtitle), ""]
-    lines += ["## Metrics", "", *markdown_metrics(metrics_by_label), "",
-              "★ marks the best value of each column. ROUGE and BLEU are computed on characters.", ""]
+    lines += ["## Metrics", "", *markdown_metrics(metrics_by_label),
+              "★ marks the best value of each column. Fact-level scores, leaks and safety: docs/evaluation.md. "
+              "ROUGE and BLEU are computed on characters.", ""]
     if loss_curve:
         lines += ["## Loss curves", "", f"[![training and validation loss]({loss_curve})]({loss_curve})", ""]
     lines += ["## Records", ""]
@@ -198,17 +200,16 @@ def _h(text) -> str:
 
 
 def html_metrics(metrics_by_label: dict[str, dict]) -> str:
-    columns, best = shown_metrics(metrics_by_label), best_labels(metrics_by_label)
-    head = "".join(f"<th>{_h(m.header)}</th>" for m in columns)
-    rows = []
-    for label, metrics in metrics_by_label.items():
-        cells = []
-        for metric in columns:
-            text = _h(format_value(metrics.get(metric.key), metric))
-            is_best = label in best.get(metric.key, ())
-            cells.append(f'<td class="best" title="best">{text} ★</td>' if is_best else f"<td>{text}</td>")
-        rows.append(f"<tr><td>{_h(label)}</td>{''.join(cells)}</tr>")
-    return f'<table class="metrics"><thead><tr><th>model</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    """Every table of `medlora.evaluate.sections`, headline first, each under its own heading."""
+    tables = []
+    for title, columns, rows in table_cells(metrics_by_label):
+        head = "".join(f"<th>{_h(m.header)}</th>" for m in columns)
+        body = "".join(f"<tr><td>{_h(label)}</td>" + "".join(
+            f'<td class="best" title="best">{_h(text)} ★</td>' if best else f"<td>{_h(text)}</td>"
+            for text, best in cells) + "</tr>" for label, cells in rows)
+        tables.append(f'<h3>{_h(title)}</h3><table class="metrics"><thead><tr><th>model</th>{head}</tr></thead>'
+                      f"<tbody>{body}</tbody></table>")
+    return "".join(tables)
 
 
 def _html_field(name: str, text: str, extra_class: str = "") -> str:

@@ -37,11 +37,15 @@ def format_block(row: dict) -> str:
 
 
 def answer_records(generator, records: list[dict], gen, batch_size: int) -> list[dict]:
+    """results.jsonl rows: the record (its labels such as `kind` too), its golden and model output, and timing."""
+    from medlora.data import META_FIELDS
+
     prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in records]
     answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)
     return [
         {"instruction": r["instruction"], "input": r["input"], "golden": r["output"], "output": a.text,
-         "tokens": a.n_tokens, "seconds": round(a.seconds, 4), "ended_by_eos": a.ended_by_eos}
+         "tokens": a.n_tokens, "seconds": round(a.seconds, 4), "ended_by_eos": a.ended_by_eos,
+         **{name: r[name] for name in META_FIELDS if name in r}}
         for r, a in zip(records, answers)
     ]
 
