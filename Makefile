@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU torch wheel first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,web]'
+	$(BIN)/pip install --quiet -e '.[test,web,cmekg]'
 	touch $(STAMP)
 
 venv: $(STAMP)

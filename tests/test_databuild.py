@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -11,18 +12,21 @@ import pytest
 import yaml
 
 from medlora.databuild import (CHAPTERS, MCQ_PATTERNS, TRAIN_ONLY_PATTERNS, build_dataset, build_records,
-                               build_tagged, load_knowledge_base)
+                               build_tagged, load_knowledge_base, safety)
+from medlora.databuild.patterns import ATTRIBUTE_PATTERNS
 from medlora.errors import DataError
+from medlora.evaluate import extract_choice, golden_choice, is_safe, leaks, parse_options
+from medlora.knowledge import KnowledgeIndex
 
 REPO = Path(__file__).resolve().parents[1]
 KB = REPO / "src" / "medlora" / "kb"
 DATA = REPO / "data" / "medqa"
-MCQ_OUTPUT = re.compile(r"^解析: \S[^\n]*\n答案: ([A-E])$")
+MCQ_OUTPUT = re.compile(r"^解析: 选项: (.+?)。(.*)\n选择: (.+)\n答案: ([A-E])$")
 
 
 @pytest.fixture(scope="module")
 def diseases():
-    return load_knowledge_base()
+    return [{**d, "source": "kb"} for d in load_knowledge_base()]
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +113,70 @@ def test_records_have_exact_keys_and_text(records):
     for split, rows in records.items():
         assert rows, split
         for record in rows:
-            assert list(record) == ["instruction", "input", "output"]
-            assert record["input"] == ""
+            assert list(record) == ["instruction", "input", "output", "source"]
+            assert record["input"] == "" and record["source"] in ("kb", "safety")
             assert record["instruction"].strip() and record["output"].strip()
 
 
 def test_splits_are_disjoint_on_disease_and_pattern(tagged):
-    pairs = {split: {(r["disease"], r["pattern"]) for r in tagged if r["split"] == split}
+    knowledge = [r for r in tagged if r["source"] != "safety"]
+    pairs = {split: {(r["disease"], r["pattern"]) for r in knowledge if r["split"] == split}
              for split in ("train", "valid", "test")}
     assert not pairs["test"] & (pairs["train"] | pairs["valid"])
     assert not pairs["valid"] & pairs["train"]
     counts = Counter(r["split"] for r in tagged)
     assert counts["test"] >= 0.05 * len(tagged) and counts["valid"] > 0
+    # the hand-written safety pairs and the unknown-disease names are split one by one
+    held = {r["instruction"] for r in tagged if r["source"] == "safety" and r["split"] != "train"}
+    trained = {r["instruction"] for r in tagged if r["source"] == "safety" and r["split"] == "train"}
+    assert held and not held & trained
+
+
+def _skeleton(r: dict) -> str:
+    return r["instruction"].replace(r["disease"], "{name}") if r["disease"] else r["instruction"]
+
+
+@pytest.mark.parametrize("pattern", list(ATTRIBUTE_PATTERNS))
+def test_each_attribute_is_asked_in_many_wordings(tagged, pattern):
+    records = [r for r in tagged if r["pattern"] == pattern]
+    assert len({_skeleton(r) for r in records}) >= min(8, len(records) // 3), pattern
+    assert len({r["output"].replace(r["disease"], "") [:6] for r in records}) >= 3  # several answer wordings
+
+
+def test_free_text_answers_carry_no_other_answer_form(tagged):
+    for r in tagged:
+        if r["pattern"] not in MCQ_PATTERNS and r["pattern"] not in TRAIN_ONLY_PATTERNS:
+            assert leaks({**r, "golden": r["output"]}) == [], r
+            assert "选项" not in r["output"]
+
+
+def test_drug_answers_send_the_user_to_a_doctor_or_pharmacist(tagged):
+    for r in tagged:
+        if r["pattern"] in ("drug", "reverse_drug", "drug_uses"):
+            assert re.search("医生|药师|遵医嘱", r["output"]), r["output"]
+
+
+@pytest.mark.parametrize("pattern, action", [("emergency", "urgent"), ("crisis", "crisis"), ("harm", "refuse_dose")])
+def test_safety_answers_give_the_safe_action(tagged, pattern, action):
+    records = [r for r in tagged if r["pattern"] == pattern]
+    assert len({r["instruction"] for r in records}) >= 15
+    for r in records:
+        assert is_safe({**r, "kind": "emergency", "safe_action": action}), r["output"]
+        if pattern == "emergency":
+            assert r["output"].startswith("立即"), r["output"]
+
+
+def test_unknown_diseases_are_not_in_the_knowledge_base_and_held_out_by_name(diseases, tagged):
+    index = KnowledgeIndex(diseases)
+    unknown = [r for r in tagged if r["pattern"] == "unknown"]
+    assert len(unknown) >= 100 and not any(index.link(r["instruction"]) for r in unknown)
+    names = {split: {n for n in safety.unknown_names(diseases) for r in unknown
+                     if r["split"] == split and n in r["instruction"]} for split in ("train", "test")}
+    assert names["test"] and not names["test"] & names["train"]
+
+
+def nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
 
 
 def restated(options: dict[str, str]) -> str:
@@ -132,76 +188,80 @@ def test_mcq_answers_point_at_the_right_option(diseases, tagged):
     by_name = {d["name"]: d for d in diseases}
     mcqs = [r for r in tagged if r["pattern"] in MCQ_PATTERNS]
     assert sum(r["split"] == "test" for r in mcqs) >= 60
+    layouts = Counter()
     for r in mcqs:
-        match = MCQ_OUTPUT.match(r["output"])
+        options = parse_options(r["instruction"])
+        assert len(options) in (4, 5) and len(set(options.values())) == len(options), r["instruction"]
+        match = MCQ_OUTPUT.match(unicodedata.normalize("NFKC", r["output"]))  # as parse_options reads it
         assert match, r["output"]
-        lines = r["instruction"].split("\n")
-        options = dict(line.split(". ", 1) for line in lines[1:])
-        assert list(options) == list("ABCDE") and len(set(options.values())) == 5
-        letter = match.group(1)
-        # the options restated (letter after text), the fact naming the option in its exact words, then its letter
-        listed, why, step = r["output"].split("\n")[0].removeprefix("解析: ").rsplit("。", 3)[:3]
-        assert listed == "选项: " + restated(options)
-        assert options[letter] in why and step == f"{options[letter]}是选项{letter}"
-        chosen, d = options[letter], by_name[r["disease"]]
-        if r["pattern"] in ("mcq_symptom", "mcq_drug"):
+        listed, letter = match.group(1), match.group(4)
+        chosen = options[letter]
+        # the offered options restated (letter after text), the fact, the chosen option copied out, its letter
+        assert listed == restated(options) and match.group(3) == f"{chosen}({letter})"
+        assert golden_choice(r["output"], r["instruction"]) == letter
+        assert extract_choice(r["output"], r["instruction"]) == letter
+        layouts[(len(options), "\n" in r["instruction"], "（ ）" in r["instruction"])] += 1
+        d = {k: [nfkc(x) for x in v] if isinstance(v, list) else nfkc(v) for k, v in by_name[r["disease"]].items()}
+        others = [v for v in options.values() if v != chosen]
+        if r["pattern"] in ("mcq_disease_by_symptom", "mcq_disease_by_drug"):
             assert chosen == d["name"]
         elif r["pattern"] == "mcq_department":
-            assert chosen == d["department"]
-            assert list(options.values()).count(d["department"]) == 1
-        elif r["pattern"] == "mcq_cause":
-            assert chosen in d["causes"]
-            assert sum(v in d["causes"] for v in options.values()) == 1
-        if r["pattern"] == "mcq_symptom":  # no distractor lists a cited symptom
-            cited = re.search(r"(?:出现|包括|以)(.+?)(?:，|？|为典型)", lines[0]).group(1).split("、")
-            for v in options.values():
-                if v != d["name"]:
-                    assert not set(cited) & set(by_name[v]["symptoms"]), (r["instruction"], v)
+            assert chosen == d["department"] and d["department"] not in others
+        else:  # an item of the asked attribute; no distractor overlaps anything the KB says of the disease
+            key = {"mcq_symptom": "symptoms", "mcq_drug": "drugs", "mcq_cause": "causes",
+                   "mcq_examination": "examinations", "mcq_complication": "complications"}[r["pattern"]]
+            assert chosen in d[key]
+            facts = [x for k in ("symptoms", "causes", "drugs", "treatments", "examinations", "complications")
+                     for x in d.get(k, [])]
+            assert not any(o in f or f in o for o in others for f in facts), (r["instruction"], facts)
+    # 4 and 5 options, inline and one a line, with and without a （ ） blank
+    assert {n for n, _, _ in layouts} == {4, 5} and {lines for _, lines, _ in layouts} == {True, False}
+    assert any(blank for _, _, blank in layouts)
 
 
 def test_training_mcqs_come_in_variants_with_spread_answer_letters(tagged):
     train = [r for r in tagged if r["split"] == "train" and r["pattern"] in MCQ_PATTERNS]
     per_pair = Counter((r["disease"], r["pattern"]) for r in train)
-    assert sum(per_pair.values()) >= 2.5 * len(per_pair)  # most pairs have their 3 variants
+    assert sum(per_pair.values()) >= 1.8 * len(per_pair)  # most pairs have their 2 variants
     assert len({r["instruction"] for r in train}) == len(train)
-    letters = Counter(MCQ_OUTPUT.match(r["output"]).group(1) for r in train)
-    assert all(0.14 < letters[x] / len(train) < 0.26 for x in "ABCDE"), letters
+    letters = Counter(MCQ_OUTPUT.match(r["output"]).group(4) for r in train)
+    assert all(0.14 < letters[x] / len(train) < 0.30 for x in "ABCD") and 0.05 < letters["E"] / len(train) < 0.2
     held_out = [r for r in tagged if r["split"] != "train" and r["pattern"] in MCQ_PATTERNS]
     assert Counter((r["disease"], r["pattern"]) for r in held_out).most_common(1)[0][1] == 1
 
 
 def test_lookup_drills_are_training_only_and_point_at_the_named_option(tagged):
     drills = [r for r in tagged if r["pattern"] in TRAIN_ONLY_PATTERNS]
-    assert len(drills) >= 250 and {r["split"] for r in drills} == {"train"}
-    letters = Counter()
+    assert len(drills) >= 140 and {r["split"] for r in drills} == {"train"}
     for r in drills:
         named = re.search(r"“(.+)”", r["instruction"]).group(1)
-        options = dict(line.split(". ", 1) for line in r["instruction"].split("\n")[1:])
-        letter = MCQ_OUTPUT.match(r["output"]).group(1)
+        options = parse_options(r["instruction"])
+        letter = MCQ_OUTPUT.match(r["output"]).group(4)
         assert list(options.values()).count(named) == 1 and options[letter] == named
-        assert r["output"] == f"解析: 选项: {restated(options)}。{named}是选项{letter}。\n答案: {letter}"
-        letters[letter] += 1
-    assert len(letters) == 5
+        assert r["output"] == f"解析: 选项: {restated(options)}。\n选择: {named}({letter})\n答案: {letter}"
 
 
 def test_every_drug_gets_a_training_statement_unless_a_held_out_pair_asks_about_it(diseases, tagged):
-    drug_of = re.compile(r"^(.+?)常用于治疗")
-    uses = {drug_of.match(r["output"]).group(1): r for r in tagged if r["pattern"] == "drug_uses"}
-    assert {r["split"] for r in uses.values()} == {"train"}
-    asked = {drug_of.match(r["output"]).group(1) for r in tagged
-             if r["pattern"] == "reverse_drug" and r["split"] != "train"}
-    assert asked and not asked & set(uses)  # held-out reverse_drug pairs stay unseen
     drugs = {x for d in diseases for x in d.get("drugs", [])}
-    assert set(uses) | asked == drugs and len(uses) == len(drugs - asked)
-    for d in diseases:
-        for drug in set(d.get("drugs", [])) - asked:
-            assert d["name"] in uses[drug]["output"], (drug, d["name"])
+
+    def asked(r):  # the longest drug name in the question
+        return max((x for x in drugs if x in r["instruction"]), key=len)
+
+    uses = {asked(r): r for r in tagged if r["pattern"] == "drug_uses"}
+    assert {r["split"] for r in uses.values()} == {"train"}
+    held = {asked(r) for r in tagged if r["pattern"] == "reverse_drug" and r["split"] != "train"}
+    assert held and not held & set(uses)  # held-out reverse_drug pairs stay unseen
+    assert set(uses) | held == drugs and len(uses) == len(drugs - held)
+    for drug, r in uses.items():  # names diseases that use the drug, and only those
+        named = [d for d in diseases if d["name"] in r["output"]
+                 and not any(d["name"] in o["name"] and o["name"] in r["output"] for o in diseases if o is not d)]
+        assert named and all(any(drug in x or x in drug for x in d.get("drugs", [])) for d in named), r["output"]
 
 
 def test_outputs_end_with_a_full_stop(tagged):
     for r in tagged:
-        if r["pattern"] not in MCQ_PATTERNS | set(TRAIN_ONLY_PATTERNS):
-            assert r["output"].endswith("。"), r
+        if r["pattern"] not in MCQ_PATTERNS and r["pattern"] not in TRAIN_ONLY_PATTERNS:
+            assert r["output"].endswith(("。", "！")), r
 
 
 # ----------------------------------------------------------------------------------------------- files

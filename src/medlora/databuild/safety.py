@@ -1,0 +1,37 @@
+"""Safe answers as part of the data, from the hand-written tables: emergencies (the urgent action first), crises
+(suicidal thoughts, self-harm: support, 12356, 120), requests for harm (a refusal without amounts), and diseases the
+build knows nothing about (an honest "no reliable information, see a doctor", trained on held-out disease names).
+
+Each hand-written pair, and each unknown disease name, goes to one split by a seeded hash, so the test split holds
+pairs and names that training never saw."""
+
+from __future__ import annotations
+
+import random
+
+from medlora.databuild.phrasing import phrasing
+from medlora.evaluate import normalise
+from medlora.knowledge import ATTRIBUTES
+
+PAIR_KINDS = ("emergency", "crisis", "harm")
+TRAIN_COPIES = 2  # each training pair twice: about a hundred pairs among thousands of knowledge records
+
+
+def pairs() -> list[dict]:
+    """The hand-written question/answer pairs, tagged with their kind as `pattern` and their question as `key`."""
+    table = phrasing()
+    return [{"pattern": kind, "key": pair["question"], "instruction": pair["question"], "output": pair["answer"]}
+            for kind in PAIR_KINDS for pair in table[kind]]
+
+
+def unknown_names(diseases: list[dict]) -> list[str]:
+    """The held-out names the build knows nothing about: those no disease of the build names or aliases."""
+    known = {normalise(x) for d in diseases for x in (d["name"], *d.get("aliases", []))}
+    return [name for name in phrasing()["unknown"]["names"]
+            if not any(normalise(name) in k or k in normalise(name) for k in known if len(k) > 1)]
+
+
+def unknown(name: str, rng: random.Random) -> tuple[str, str]:
+    table = phrasing()["unknown"]
+    values = {"name": name, "attribute_cn": rng.choice(list(ATTRIBUTES.values()))}
+    return rng.choice(table["questions"]).format(**values), rng.choice(table["answers"]).format(**values)
