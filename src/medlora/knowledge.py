@@ -1,5 +1,9 @@
 """The knowledge base as something to look facts up in: a disease by name or alias, the attribute a question asks
-for, and which of a disease's facts a text names. The exam's fact-level scores (medlora.evaluate) use it.
+for, the facts a question needs, and which of a disease's facts a text names. The exam's fact-level scores
+(medlora.evaluate) use it, and so will knowledge-tuning (docs/knowledge.md).
+
+Sources (`KnowledgeIndex.load`): `kb` (the curated knowledge base), `cmekg` (needs the `cmekg` extra), `both`, or a
+JSONL/YAML file of `{name, aliases, <attribute>: [items]}` records. Retrieval is deterministic and needs no model.
 
 Matching is documented in docs/evaluation.md ("Fact-level scores"): texts are compared after NFKC, lower-casing and
 dropping whitespace and punctuation; an item counts as named when it, a listed synonym, or (for an item that is
@@ -10,10 +14,14 @@ characters matches with one character changed (rapidfuzz partial ratio ≥ 80).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from medlora.errors import DataError
 from medlora.evaluate import normalise
+
+FUZZY_CUTOFF = 80  # rapidfuzz partial_ratio for a name or alias of 5+ characters: one character changed
 
 # The attributes a question can ask for, with the knowledge base's key (department is a single string there).
 ATTRIBUTES = {
@@ -85,8 +93,10 @@ class KnowledgeIndex:
             forms += entry.get("aliases", [])
         return [f for f in dict.fromkeys(normalise(f) for f in forms) if f]
 
-    def link(self, text: str) -> list[str]:
-        """Diseases named in `text`, longest names first and without overlaps, in order of appearance."""
+    def link(self, text: str, fuzzy: bool = False) -> list[str]:
+        """Diseases named in `text`, longest names first and without overlaps, in order of appearance. With `fuzzy`,
+        a text that names none exactly links to the one name or alias of 5+ characters that it contains with one
+        character changed (rapidfuzz partial_ratio ≥ FUZZY_CUTOFF; a tie links none)."""
         said, found, taken = normalise(text), [], []
         for form in self._by_length:
             start = said.find(form)
@@ -96,7 +106,19 @@ class KnowledgeIndex:
                     taken.append(span)
                     found.append((start, self._names[form]))
                 start = said.find(form, start + 1)
+        if not found and fuzzy:
+            return self._fuzzy_link(said)
         return list(dict.fromkeys(name for _, name in sorted(found)))
+
+    def _fuzzy_link(self, said: str) -> list[str]:
+        from rapidfuzz import fuzz, process
+
+        forms = [f for f in self._by_length if len(f) >= 5]
+        best = process.extract(said, forms, scorer=fuzz.partial_ratio, score_cutoff=FUZZY_CUTOFF, limit=2)
+        if not best or (len(best) == 2 and best[1][1] == best[0][1]
+                        and self._names[best[1][0]] != self._names[best[0][0]]):
+            return []
+        return [self._names[best[0][0]]]
 
     def asked_attribute(self, question: str) -> str | None:
         """The one attribute a question asks for, or None when it asks for none or several."""
@@ -122,6 +144,92 @@ class KnowledgeIndex:
         found = [form for form in self._vocab.get(attribute, {}) if form in said]
         kept = [f for f in found if not any(f != g and f in g for g in found)]
         return {self._vocab[attribute][f] for f in kept}
+
+
+    def retrieve(self, question: str, max_diseases: int = 2) -> "Retrieved":
+        """The facts a question needs: the diseases it names (exactly, else with one character changed), and for
+        each the attribute it asks for, or when it asks for none or several, the department, symptoms and drugs."""
+        diseases = self.link(question, fuzzy=True)[:max_diseases]
+        attribute = self.asked_attribute(question)
+        keys = [attribute] if attribute else ["department", "symptoms", "drugs"]
+        facts = [(d, key, self.items(d, key)) for d in diseases for key in keys if self.items(d, key)]
+        return Retrieved(diseases, attribute, facts)
+
+    @classmethod
+    def load(cls, source: str) -> "KnowledgeIndex":
+        """`kb`, `cmekg`, `both`, or a JSONL/YAML file of knowledge records."""
+        if source in ("kb", "cmekg", "both"):
+            from medlora.databuild import load_sources
+
+            return cls(load_sources(source))
+        return cls(read_knowledge_file(source))
+
+
+@dataclass
+class Retrieved:
+    """What `KnowledgeIndex.retrieve` found: the linked diseases, the attribute asked, and (disease, attribute,
+    items) facts."""
+
+    diseases: list[str]
+    attribute: str | None
+    facts: list[tuple[str, str, list[str]]] = field(default_factory=list)
+
+    def text(self) -> str:
+        """The facts as short lines (`支气管哮喘·常用药物：沙丁胺醇、孟鲁司特`), empty when nothing was found."""
+        return "\n".join(f"{d}·{ATTRIBUTES[key]}：{'、'.join(items)}" for d, key, items in self.facts)
+
+
+def read_knowledge_file(path: str | Path) -> list[dict]:
+    """A user's knowledge: JSONL (one record a line) or YAML (a list) of `{name, aliases, <attribute>: [items]}`
+    with attributes from ATTRIBUTES (`department` a string); one DataError line naming file, record and field."""
+    import yaml
+
+    from medlora.data import _read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such knowledge file (or give kb, cmekg or both)")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise DataError(f"{path}: not readable YAML ({str(exc).splitlines()[0][:120]})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a YAML knowledge file must be a list of records")
+        rows = [(f"record {i}", row) for i, row in enumerate(data, 1)]
+    else:
+        rows = list(_read_jsonl(path))
+    records, seen = [], set()
+    for where, row in rows:
+        record = _knowledge_record(row, f"{path}: {where}")
+        if record["name"] in seen:
+            raise DataError(f"{path}: {where}: field 'name' repeats {record['name']!r}")
+        seen.add(record["name"])
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no knowledge records")
+    return records
+
+
+def _knowledge_record(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a knowledge record must be an object, got {type(row).__name__}")
+    name = row.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{where}: field 'name' must be a non-empty string")
+    record = {"name": name.strip()}
+    for key, value in row.items():
+        if key == "name":
+            continue
+        if key != "aliases" and key not in ATTRIBUTES:
+            raise DataError(f"{where}: field {key!r} is not one of aliases, {', '.join(ATTRIBUTES)}"[:300])
+        if key == "department" and isinstance(value, str) and value.strip():
+            record[key] = value.strip()
+        elif isinstance(value, list) and value and all(isinstance(x, str) and x.strip() for x in value):
+            record[key] = [x.strip() for x in value]
+        else:
+            raise DataError(f"{where}: field {key!r} must be a non-empty list of strings")
+    return record
 
 
 @lru_cache(maxsize=4)

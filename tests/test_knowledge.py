@@ -1,0 +1,66 @@
+"""medlora.knowledge: entity linking, attribute detection, retrieval, and users' own knowledge files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medlora.errors import DataError
+from medlora.knowledge import KnowledgeIndex, read_knowledge_file
+
+
+@pytest.fixture(scope="module")
+def index() -> KnowledgeIndex:
+    return KnowledgeIndex.builtin()
+
+
+def test_link_by_name_alias_and_longest_match(index):
+    assert index.link("心梗挂什么科？") == ["急性心肌梗死"]  # alias
+    assert index.link("2型糖尿病和1型糖尿病") == ["2型糖尿病", "1型糖尿病"]  # in order of appearance
+    assert index.link("慢性阻塞性肺疾病急性加重") == ["慢性阻塞性肺疾病"]
+    assert index.link("感冒了怎么办") == []
+
+
+def test_fuzzy_link_takes_one_changed_character_only_when_asked(index):
+    assert index.link("我得了支气管哮揣，吃什么药？") == []
+    assert index.link("我得了支气管哮揣，吃什么药？", fuzzy=True) == ["支气管哮喘"]
+    assert index.link("今天天气很好，适合散步。", fuzzy=True) == []
+
+
+def test_retrieve_gives_the_asked_facts_deterministically(index):
+    found = index.retrieve("哮喘急性发作时首选的缓解药物是什么？")
+    assert found.diseases == ["支气管哮喘"] and found.attribute == "drugs"
+    assert found.facts == [("支气管哮喘", "drugs", index.items("支气管哮喘", "drugs"))]
+    assert found.text().startswith("支气管哮喘·常用药物：") and "沙丁胺醇" in found.text()
+    assert index.retrieve("哮喘急性发作时首选的缓解药物是什么？") == found
+    summary = index.retrieve("甲亢是怎么回事？")  # no attribute asked: department, symptoms, drugs
+    assert [key for _, key, _ in summary.facts] == ["department", "symptoms", "drugs"]
+    assert index.retrieve("感冒了怎么办").text() == ""
+
+
+def test_a_users_knowledge_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"name": "鼠咬热", "aliases": ["鼠咬病"], "symptoms": ["发热", "皮疹"], "department": "感染科"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    index = KnowledgeIndex.load(str(path))
+    assert index.retrieve("鼠咬病有什么症状？").facts == [("鼠咬热", "symptoms", ["发热", "皮疹"])]
+    yaml_path = tmp_path / "mine.yaml"
+    yaml_path.write_text("- name: 鼠咬热\n  drugs: [青霉素]\n", encoding="utf-8")
+    assert read_knowledge_file(yaml_path) == [{"name": "鼠咬热", "drugs": ["青霉素"]}]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"name": "甲病", "color": ["红"]}', "line 1: field 'color' is not one of"),
+    ('{"name": "甲病", "drugs": "阿司匹林"}', "line 1: field 'drugs' must be a non-empty list of strings"),
+    ('{"name": ""}', "line 1: field 'name' must be a non-empty string"),
+    ('[1, 2]', "line 1: a knowledge record must be an object"),
+    ('{"name": "甲病"', "line 1: invalid JSON"),
+])
+def test_bad_knowledge_files_get_one_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read_knowledge_file(path)
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+    assert "\n" not in str(error.value) and len(str(error.value)) <= 300
