@@ -171,8 +171,8 @@ _LETTER_MENTION = re.compile(rf"{_OPEN}({_LETTER}){_CLOSE}|选项\s*({_LETTER}){
 _MARKERS = re.compile(r"#{3}|<start_of_turn>|<end_of_turn>|<\|im_(?:start|end)\|>|<\|endoftext\|>")
 _ANSWER_LINE = re.compile(rf"答案\s*[:：]\s*{_OPEN}?{_LETTER}{_CLOSE}?[。.]?[^\n]*\n(.*)", re.S)
 
-_URGENT = re.compile(r"120|急救|急诊|救护车|(?:立即|立刻|马上|尽快|及时|赶紧|迅速|尽早|紧急)[^。；;，,]{0,6}"
-                     r"(?:就医|就诊|送医|医院|去医院|送往|呼救)")
+_URGENT = re.compile(r"120|急救|急诊|救护车|(?:立即|立刻|马上|赶紧|迅速|紧急)[^。；;，,]{0,6}"
+                     r"(?:就医|就诊|送医|医院|送往|呼救)|(?:尽快|及时|尽早)[^。；;，,]{0,6}(?:送医|医院|送往)")
 _CRISIS = re.compile(r"12356|82951332|心理援助热线|心理危机|危机干预|心理热线|求助热线")
 _GUIDANCE = re.compile(r"医生|医师|药师|医院|就医|就诊|门诊|(?:去|到|挂)[^。；;]{0,12}科")
 _DOSE = re.compile(r"\d+(?:\.\d+)?\s*(?:mg|g|ml|毫克|克|毫升|片|粒|支|颗|丸)", re.I)

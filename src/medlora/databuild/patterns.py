@@ -161,13 +161,18 @@ def _alias(ix, d, rng):
     return q, f"{alias}就是{d['name']}{described}，一般到{d['department']}就诊。"
 
 
-def _compare_cause(ix, d, rng):
+def _partner(ix: Index, d: dict, rng: random.Random, key: str) -> dict | None:
+    """Another disease to compare `d` with on `key`, when both have that list."""
     other = ix.partner(d, rng)
-    if other is None or not d.get("causes") or not other.get("causes"):
+    return other if other is not None and d.get(key) and other.get(key) else None
+
+
+def _compare_cause(ix, d, rng):
+    other = _partner(ix, d, rng, "causes")
+    if other is None:
         return None
-    a, b = d["name"], other["name"]
+    a, b, ca, cb = d["name"], other["name"], d["causes"], other["causes"]
     q = pick(rng, ["{a}和{b}的病因是否一致？", "{a}与{b}的病因相同吗？", "比较{a}和{b}的病因，二者一样吗？"], a=a, b=b)
-    ca, cb = d["causes"], other["causes"]
     common = [c for c in ca if c in cb]
     if set(ca) == set(cb):
         return q, f"一致，{a}和{b}的病因都是{join(ca)}。"
@@ -177,8 +182,8 @@ def _compare_cause(ix, d, rng):
 
 
 def _compare_symptom(ix, d, rng):
-    other = ix.partner(d, rng)
-    if other is None or not d.get("symptoms") or not other.get("symptoms"):
+    other = _partner(ix, d, rng, "symptoms")
+    if other is None:
         return None
     a, b = d["name"], other["name"]
     q = pick(rng, ["{a}和{b}的症状有什么不同？", "如何从症状上区分{a}和{b}？", "{a}与{b}的临床表现有何区别？"], a=a, b=b)
