@@ -218,3 +218,14 @@ def test_score_results_reports_every_score_overall_by_kind_and_layout():
     assert metrics["mcq_by_layout"] == {"inline4": {"mcq_n": 1, "mcq_accuracy": 1.0, "mcq_invalid_rate": 0.0},
                                         "lines5": {"mcq_n": 1, "mcq_accuracy": 0.0, "mcq_invalid_rate": 1.0}}
     assert json.loads(json.dumps(metrics)) == metrics
+
+
+def test_no_held_out_unknown_disease_name_is_asked_by_the_exam(exam):
+    """The data's honest "no reliable information" answers are trained on names the exam never asks about (an
+    option of a multiple-choice question is not what it asks about: 房间隔缺损 is one option of 48)."""
+    from medlora.databuild.phrasing import phrasing
+
+    names = phrasing()["unknown"]["names"]
+    asked = [(name, r["instruction"]) for r in exam if r["kind"] != "mcq" for name in names
+             if name in r["instruction"]]
+    assert not asked, asked[:3]
