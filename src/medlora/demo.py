@@ -75,7 +75,8 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m medlora.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--retrain", action="store_true", help="train again even if runs/demo/adapter is current")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of the test split and the exam")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N records of the test split and the exam")
     args = parser.parse_args()
     sys.exit(run(args.retrain, args.limit))
 

@@ -66,6 +66,7 @@ class KnowledgeIndex:
             for form in [d["name"], *d.get("aliases", [])]:
                 self._names.setdefault(normalise(form), d["name"])
         self._by_length = sorted(self._names, key=len, reverse=True)
+        self._fuzzy_forms = [f for f in self._by_length if len(f) >= 5]  # what `link(fuzzy=True)` may match
         self._vocab = {}  # attribute -> {normalised form: canonical item}, over all diseases
         for attribute in ATTRIBUTES:
             forms = {}
@@ -113,8 +114,8 @@ class KnowledgeIndex:
     def _fuzzy_link(self, said: str) -> list[str]:
         from rapidfuzz import fuzz, process
 
-        forms = [f for f in self._by_length if len(f) >= 5]
-        best = process.extract(said, forms, scorer=fuzz.partial_ratio, score_cutoff=FUZZY_CUTOFF, limit=2)
+        best = process.extract(said, self._fuzzy_forms, scorer=fuzz.partial_ratio, score_cutoff=FUZZY_CUTOFF,
+                               limit=2)
         if not best or (len(best) == 2 and best[1][1] == best[0][1]
                         and self._names[best[1][0]] != self._names[best[0][0]]):
             return []
