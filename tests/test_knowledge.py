@@ -31,12 +31,25 @@ def test_fuzzy_link_takes_one_changed_character_only_when_asked(index):
 def test_retrieve_gives_the_asked_facts_deterministically(index):
     found = index.retrieve("哮喘急性发作时首选的缓解药物是什么？")
     assert found.diseases == ["支气管哮喘"] and found.attribute == "drugs"
-    assert found.facts == [("支气管哮喘", "drugs", index.items("支气管哮喘", "drugs"))]
-    assert found.text().startswith("支气管哮喘·常用药物：") and "沙丁胺醇" in found.text()
+    assert found.facts == [("支气管哮喘", "department", ["呼吸内科"]),  # the department always comes along
+                           ("支气管哮喘", "drugs", index.items("支气管哮喘", "drugs"))]
+    assert found.text().splitlines()[1].startswith("支气管哮喘·常用药物：") and "沙丁胺醇" in found.text()
     assert index.retrieve("哮喘急性发作时首选的缓解药物是什么？") == found
-    summary = index.retrieve("甲亢是怎么回事？")  # no attribute asked: department, symptoms, drugs
+    summary = index.retrieve("甲亢要紧吗？")  # no attribute asked: department, symptoms, drugs
+    assert [key for _, key, _ in summary.facts] == ["department", "complications"]  # 要紧: what it can lead to
+    summary = index.retrieve("甲亢吃什么好？")
     assert [key for _, key, _ in summary.facts] == ["department", "symptoms", "drugs"]
+    whole = index.retrieve("请介绍一下甲亢。")  # the whole entry
+    assert {key for _, key, _ in whole.facts} >= {"department", "symptoms", "drugs", "examinations", "treatments"}
+    assert index.retrieve("甲亢有什么别称？").facts[-1][1] == "aliases"
     assert index.retrieve("感冒了怎么办").text() == ""
+
+
+def test_retrieve_finds_the_disease_from_the_items_a_question_names(index):
+    found = index.retrieve("吡格列酮一般用来治疗哪些疾病？")  # no disease named: the one whose drugs hold it
+    assert found.diseases == ["非酒精性脂肪性肝病"]
+    assert ("非酒精性脂肪性肝病", "drugs", index.items("非酒精性脂肪性肝病", "drugs")) in found.facts
+    assert index.retrieve("头疼怎么办").diseases == []  # 2 characters of a common symptom: too little to go on
 
 
 def test_a_users_knowledge_file(tmp_path):
@@ -44,7 +57,8 @@ def test_a_users_knowledge_file(tmp_path):
     rows = [{"name": "鼠咬热", "aliases": ["鼠咬病"], "symptoms": ["发热", "皮疹"], "department": "感染科"}]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     index = KnowledgeIndex.load(str(path))
-    assert index.retrieve("鼠咬病有什么症状？").facts == [("鼠咬热", "symptoms", ["发热", "皮疹"])]
+    assert index.retrieve("鼠咬病有什么症状？").facts == [("鼠咬热", "department", ["感染科"]),
+                                                        ("鼠咬热", "symptoms", ["发热", "皮疹"])]
     yaml_path = tmp_path / "mine.yaml"
     yaml_path.write_text("- name: 鼠咬热\n  drugs: [青霉素]\n", encoding="utf-8")
     assert read_knowledge_file(yaml_path) == [{"name": "鼠咬热", "drugs": ["青霉素"]}]

@@ -61,7 +61,11 @@ def chat_loop(generator: Generator, gen: GenerationArgs, multi_turn: bool = True
         if line.startswith("/"):
             write(f"[unknown command] {HELP}\n")
             continue
-        answer = _stream_answer(generator, generator.build_prompt(line, history=history), gen, write)
+        found = generator.lookup(line)
+        if found is not None:  # the facts the answer is to rest on, before it
+            facts = found.text() or generator.template.no_knowledge
+            write("知识> " + facts.replace("\n", "\n      ") + "\n")
+        answer = _stream_answer(generator, generator.build_prompt(line, history=history, retrieved=found), gen, write)
         if multi_turn:
             history.append((line, answer))
 

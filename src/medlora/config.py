@@ -32,8 +32,13 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     data_path: str = opt("data/medqa/train.jsonl", "training records: .json/.jsonl/.csv/.parquet, a folder, or a dataset name")
-    prompt_template: str = opt("med_template", "template name (med_template/chinese_med, alpaca, chat) or JSON file",
+    prompt_template: str = opt("", "template name (med_template/chinese_med, med_knowledge, alpaca, chat) or JSON "
+                                   "file; default med_template, or med_knowledge with --knowledge",
                                aliases=("--template", "--prompt_template_name"))
+    knowledge: str = opt("none", "put facts retrieved from a knowledge base into every prompt (knowledge-tuning, "
+                                 "docs/knowledge.md): kb, cmekg, both, a JSONL/YAML file, or none")
+    knowledge_noise: float = opt(0.2, "with --knowledge: the share of training records given an irrelevant, partial "
+                                      "or missing entry, so that the model learns to ignore bad facts")
     columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答")
     cutoff_len: int = opt(256, "maximum tokens per example (prompt + answer + EOS); longer ones are truncated")
     val_set_size: float = opt(0.0, "held-out validation records: a count, or a fraction when below 1")
@@ -46,6 +51,18 @@ class DataArgs:
             raise ConfigError("--cutoff_len must be at least 2 (a prompt token and an answer token)")
         if not self.val_set_size >= 0:
             raise ConfigError("--val_set_size must be 0 or more (a count, or a fraction when below 1)")
+        if not 0 <= self.knowledge_noise <= 1:
+            raise ConfigError("--knowledge_noise must be from 0 to 1")
+
+    @property
+    def knowledge_on(self) -> bool:
+        return self.knowledge not in ("", "none")
+
+    @property
+    def template_name(self) -> str:
+        from medlora.templates import KNOWLEDGE_TEMPLATE
+
+        return self.prompt_template or (KNOWLEDGE_TEMPLATE if self.knowledge_on else "med_template")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from medlora.errors import ModelError
 from medlora.generate import template_for
 from medlora.io import atomic_write_text, remove_stale_staging, staging_prefix
 from medlora.modeling import (MEDLORA_META, default_device, load_adapter, load_base_model, load_tokenizer,
-                              preflight_adapter, resolve_dtype, resolve_model_path)
+                              preflight_adapter, read_adapter_meta, resolve_dtype, resolve_model_path)
 
 # Largest max-abs logit difference accepted between the saved merged model and base + adapter. Both are run in
 # float64 for the check, so it measures what merging changed (the rounding of W + BA to the saved dtype), not the
@@ -82,6 +82,9 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     merged = model.merge_and_unload().to(resolve_dtype(dtype))
     meta = {"medlora_version": __version__, "template": template.to_dict(),
             "merged_from": {"base_model": base_model, "adapter": str(adapter_dir)}, "dtype": dtype}
+    knowledge = read_adapter_meta(adapter_dir).get("knowledge")
+    if knowledge:  # the merged model is prompted with the facts it was trained with, as the adapter was
+        meta["knowledge"] = knowledge
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir.parent, f".{out_dir.name}.merging-")  # left by a merge that was killed

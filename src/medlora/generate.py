@@ -6,12 +6,14 @@ into the base weights for inference unless several adapters share one base.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
@@ -19,7 +21,12 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 from medlora.config import GenerationArgs
 from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_tokenizer, preflight_adapter,
                               read_adapter_meta)
-from medlora.templates import Template, load_template
+from medlora.templates import KNOWLEDGE_TEMPLATE, Template, load_template
+
+if TYPE_CHECKING:
+    from medlora.knowledge import KnowledgeIndex, Retrieved
+
+logger = logging.getLogger(__name__)
 
 
 class AnswerCountPenalty:
@@ -46,16 +53,39 @@ class Answer:
     seconds: float
 
 
-def template_for(prompt_template: str | None, *folders) -> Template:
-    """The explicit template, else the one recorded in an adapter's/merged model's medlora.json, else med_template."""
+def template_for(prompt_template: str | None, *folders, knowledge: bool = False) -> Template:
+    """The explicit template, else the one recorded in an adapter's/merged model's medlora.json, else med_template
+    (med_knowledge when `knowledge` is on)."""
     if prompt_template:
         return load_template(prompt_template)
     for folder in folders:
-        if folder and Path(folder, MEDLORA_META).is_file():
-            recorded = read_adapter_meta(folder).get("template")
-            if recorded:
-                return load_template(recorded)
-    return load_template("med_template")
+        recorded = _recorded(folder).get("template")
+        if recorded:
+            return load_template(recorded)
+    return load_template(KNOWLEDGE_TEMPLATE if knowledge else "med_template")
+
+
+def knowledge_for(spec: str | None, *folders) -> "KnowledgeIndex | None":
+    """The knowledge to retrieve from: `spec` (kb, cmekg, both, a file; none or "" for none), else the source
+    recorded in the first adapter's/merged model's medlora.json that records one, else none. A recorded source whose
+    content changed since training is used with a warning."""
+    from medlora.knowledge import KnowledgeIndex
+
+    if spec:
+        return None if spec == "none" else KnowledgeIndex.load(spec)
+    for folder in folders:
+        recorded = _recorded(folder).get("knowledge")
+        if recorded:
+            index = KnowledgeIndex.load(recorded["source"])
+            if recorded.get("sha256") not in (None, index.sha256):
+                logger.warning("knowledge %r has changed since %s was trained on it (content hash differs)",
+                               recorded["source"], folder)
+            return index
+    return None
+
+
+def _recorded(folder) -> dict:
+    return read_adapter_meta(folder) if folder and Path(folder, MEDLORA_META).is_file() else {}
 
 
 class StopOnEvent(StoppingCriteria):
@@ -94,12 +124,14 @@ def contiguous_head_input(model) -> None:
 
 
 class Generator:
-    """A model ready to answer: tokenizer (left padding), template, eval mode."""
+    """A model ready to answer: tokenizer (left padding), template, eval mode, and the knowledge its prompts
+    get facts from (None: off)."""
 
-    def __init__(self, model, tokenizer, template: Template):
+    def __init__(self, model, tokenizer, template: Template, knowledge: "KnowledgeIndex | None" = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
+        self.knowledge = knowledge
         self.model.eval()
         self.eos_ids = end_token_ids(model, tokenizer, template)
         contiguous_head_input(model)
@@ -107,24 +139,36 @@ class Generator:
     @classmethod
     def load(cls, base_model: str, lora_weights: str | None = None, prompt_template: str | None = None,
              dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
-             allow_pickle: bool = False, merge: bool = True) -> "Generator":
+             allow_pickle: bool = False, merge: bool = True, knowledge: str | None = None) -> "Generator":
+        """`knowledge`: kb, cmekg, both, a file, or none; default: what the adapter (or merged model) records."""
         if lora_weights:  # a bad adapter is refused before the base's weights are loaded
             preflight_adapter(lora_weights, base_model, allow_pickle, trust_remote_code)
+        index = knowledge_for(knowledge, lora_weights, base_model)
         tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
-        template = template_for(prompt_template, lora_weights, base_model)
+        template = template_for(prompt_template, lora_weights, base_model, knowledge=index is not None)
         model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)
         if lora_weights:
             model = load_adapter(model, lora_weights, allow_pickle=allow_pickle)
             if merge and not (load_8bit or load_4bit):
                 model = model.merge_and_unload()
-        return cls(model, tokenizer, template)
+        return cls(model, tokenizer, template, index)
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
-    def build_prompt(self, instruction: str, input: str = "", history=()) -> str:
-        return self.template.build_prompt(instruction, input, self.tokenizer, history)
+    def lookup(self, instruction: str, input: str = "") -> "Retrieved | None":
+        """The facts retrieved for a question, None when knowledge is off."""
+        if self.knowledge is None:
+            return None
+        return self.knowledge.retrieve(f"{instruction}\n{input}" if input else instruction)
+
+    def build_prompt(self, instruction: str, input: str = "", history=(), retrieved: "Retrieved | None" = None
+                     ) -> str:
+        """The prompt for a question; with knowledge on, the facts `retrieved` for it (looked up when not given)."""
+        retrieved = retrieved or self.lookup(instruction, input)
+        knowledge = retrieved.text() if retrieved is not None else None
+        return self.template.build_prompt(instruction, input, self.tokenizer, history, knowledge)
 
     def _encode(self, prompts: list[str]):
         return self.tokenizer(prompts, return_tensors="pt", padding=True,

@@ -13,15 +13,20 @@ characters matches with one character changed (rapidfuzz partial ratio ≥ 80).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from medlora.errors import DataError
-from medlora.evaluate import normalise
+from medlora.evaluate import ASKS_FOR_NAME, normalise
 
 FUZZY_CUTOFF = 80  # rapidfuzz partial_ratio for a name or alias of 5+ characters: one character changed
+MAX_ITEMS = 10  # items per retrieved fact line (CMeKG lists run to dozens)
+MIN_ITEM_CHARS = 3  # a disease found by the items a question names must hold 3+ of their characters (not just 疼痛)
 
 # The attributes a question can ask for, with the knowledge base's key (department is a single string there).
 ATTRIBUTES = {
@@ -30,16 +35,23 @@ ATTRIBUTES = {
     "transmission": "传播途径",
 }
 
+DEFAULT_KEYS = ("department", "symptoms", "drugs")  # retrieved when a question asks for no attribute in particular
+# Shown when asked, besides ATTRIBUTES (not scored as facts): other names, and the ICD-10 chapter.
+EXTRA_KEYS = {"aliases": "别称", "icd10_chapter": "ICD-10章节"}
+_ASKS_EXTRA = {"aliases": ASKS_FOR_NAME.pattern + "|叫法", "icd10_chapter": r"ICD|哪一章|哪章|属于哪"}
+_ASKS_ALL = r"介绍|讲讲|怎么回事|是什么病"  # a question about the whole entry
+LABELS = {**ATTRIBUTES, **EXTRA_KEYS}
+
 # What a question says when it asks for one attribute. Checked in this order; "drugs" hides "treatments"
 # (用什么药治疗 asks for drugs).
 _ASKS = {
     "department": r"哪个科|什么科|哪一科|哪些科|挂.{0,4}科|挂号|就诊科室",
     "drugs": r"药",
-    "examinations": r"检查|化验|确诊",
+    "examinations": r"检查|化验|确诊|诊断",
     "symptoms": r"症状|表现|体征",
     "causes": r"病因|原因|病原|引起|导致|怎么得的|为什么会得",
-    "complications": r"并发症",
-    "prevention": r"预防",
+    "complications": r"并发症|严重|要紧|危险|危害|后果",
+    "prevention": r"预防|不得|避免|远离|防止",
     "transmission": r"传播|传染途径|怎么传染",
     "high_risk_groups": r"高危|易感|哪些人|什么人",
     "treatments": r"治疗|怎么治|如何治",
@@ -68,20 +80,24 @@ class KnowledgeIndex:
         self._by_length = sorted(self._names, key=len, reverse=True)
         self._fuzzy_forms = [f for f in self._by_length if len(f) >= 5]  # what `link(fuzzy=True)` may match
         self._vocab = {}  # attribute -> {normalised form: canonical item}, over all diseases
+        self._owners = {}  # normalised form of 2+ characters -> [(disease, attribute)] whose items it is
         for attribute in ATTRIBUTES:
             forms = {}
             for d in diseases:
                 for item in self.items(d["name"], attribute):
                     for form in self.forms(item):
                         forms.setdefault(form, item)
+                        if len(form) >= 2:
+                            self._owners.setdefault(form, []).append((d["name"], attribute))
             self._vocab[attribute] = forms
+        self._owner_forms = sorted(self._owners, key=len, reverse=True)
 
     @classmethod
     def builtin(cls, kb_dir: str | Path | None = None) -> "KnowledgeIndex":
         return _builtin(str(kb_dir) if kb_dir else None)
 
     def items(self, disease: str, attribute: str) -> list[str]:
-        """The knowledge base's items for one attribute of one disease ([] when it has none)."""
+        """The knowledge base's items for one attribute (or EXTRA_KEYS field) of one disease ([] when none)."""
         entry = self.diseases.get(disease) or {}
         value = entry.get(attribute)
         return [value] if isinstance(value, str) else list(value or [])
@@ -123,10 +139,16 @@ class KnowledgeIndex:
 
     def asked_attribute(self, question: str) -> str | None:
         """The one attribute a question asks for, or None when it asks for none or several."""
+        hits = self.asked_attributes(question)
+        return hits[0] if len(hits) == 1 else None
+
+    @staticmethod
+    def asked_attributes(question: str) -> list[str]:
+        """Every attribute a question asks for, in _ASKS order."""
         hits = [a for a, pattern in _ASKS.items() if re.search(pattern, question)]
         if "drugs" in hits and "treatments" in hits:
             hits.remove("treatments")
-        return hits[0] if len(hits) == 1 else None
+        return hits
 
     def names(self, text: str, item: str) -> bool:
         """Whether `text` names `item` (exactly, by synonym or alias, or with one character changed)."""
@@ -148,21 +170,57 @@ class KnowledgeIndex:
 
 
     def retrieve(self, question: str, max_diseases: int = 2) -> "Retrieved":
-        """The facts a question needs: the diseases it names (exactly, else with one character changed), and for
-        each the attribute it asks for, or when it asks for none or several, the department, symptoms and drugs."""
+        """The facts a question needs. Diseases: those it names (exactly, else with one character changed), else
+        those whose entries hold the most of the items it names (a drug, symptoms: 吡格列酮治什么病). For each:
+        the department, and the attributes it asks for (up to three; every attribute for 介绍/怎么回事; the
+        department, symptoms and drugs when it asks for none in particular); aliases and ICD chapter when asked.
+        Lists are cut at MAX_ITEMS items."""
         diseases = self.link(question, fuzzy=True)[:max_diseases]
-        attribute = self.asked_attribute(question)
-        keys = [attribute] if attribute else ["department", "symptoms", "drugs"]
-        facts = [(d, key, self.items(d, key)) for d in diseases for key in keys if self.items(d, key)]
-        return Retrieved(diseases, attribute, facts)
+        asked = self.asked_attributes(question)
+        matched: dict[str, list[str]] = {}
+        if not diseases:
+            matched = self._owners_of_items(question, max_diseases)
+            diseases = list(matched)
+        if re.search(_ASKS_ALL, question):
+            keys = list(ATTRIBUTES)
+        else:
+            keys = ["department", *asked] if 0 < len(asked) <= 3 else list(DEFAULT_KEYS)
+        keys += [key for key, pattern in _ASKS_EXTRA.items() if re.search(pattern, question)]
+        keys = [key for key in dict.fromkeys(keys)]
+        facts = [(d, key, self.items(d, key)[:MAX_ITEMS]) for d in diseases
+                 for key in dict.fromkeys([*keys, *matched.get(d, [])]) if self.items(d, key)]
+        return Retrieved(diseases, asked[0] if len(asked) == 1 else None, facts)
+
+    def _owners_of_items(self, question: str, limit: int) -> dict[str, list[str]]:
+        """The diseases whose entries hold the most (by characters, MIN_ITEM_CHARS or more) of the items `question`
+        names, with the attributes those items are in; ties go to the name first in sorted order."""
+        said, taken, score, keys = normalise(question), [], {}, {}
+        for form in self._owner_forms:
+            start = said.find(form)
+            if start < 0 or any(start < end and begin < start + len(form) for begin, end in taken):
+                continue
+            taken.append((start, start + len(form)))
+            for disease, key in self._owners[form]:
+                score[disease] = score.get(disease, 0) + len(form)
+                keys.setdefault(disease, []).append(key)
+        best = sorted((d for d in score if score[d] >= MIN_ITEM_CHARS), key=lambda d: (-score[d], d))[:limit]
+        return {d: list(dict.fromkeys(keys[d])) for d in best}
+
+    def facts(self, diseases: list[str], keys) -> list[tuple[str, str, list[str]]]:
+        return [(d, key, self.items(d, key)[:MAX_ITEMS]) for d in diseases for key in keys if self.items(d, key)]
+
+    @cached_property
+    def sha256(self) -> str:
+        """The content hash of the knowledge (recorded in an adapter's medlora.json)."""
+        text = json.dumps(sorted(self.diseases.values(), key=lambda d: d["name"]), ensure_ascii=False,
+                          sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
     def load(cls, source: str) -> "KnowledgeIndex":
         """`kb`, `cmekg`, `both`, or a JSONL/YAML file of knowledge records."""
         if source in ("kb", "cmekg", "both"):
-            from medlora.databuild import load_sources
-
-            return cls(load_sources(source))
+            return _source(source)
         return cls(read_knowledge_file(source))
 
 
@@ -177,7 +235,60 @@ class Retrieved:
 
     def text(self) -> str:
         """The facts as short lines (`支气管哮喘·常用药物：沙丁胺醇、孟鲁司特`), empty when nothing was found."""
-        return "\n".join(f"{d}·{ATTRIBUTES[key]}：{'、'.join(items)}" for d, key, items in self.facts)
+        return "\n".join(f"{d}·{LABELS[key]}：{'、'.join(items)}" for d, key, items in self.facts)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Retrieved":
+        return cls(list(data.get("diseases", [])), data.get("attribute"),
+                   [(f["disease"], f["attribute"], list(f["items"])) for f in data.get("facts", [])])
+
+    def to_dict(self) -> dict:
+        """The entries as results.jsonl, the server's `medlora_knowledge` field and the web page show them."""
+        return {"diseases": self.diseases, "attribute": self.attribute,
+                "facts": [{"disease": d, "attribute": key, "items": items} for d, key, items in self.facts]}
+
+
+NOISE_KINDS = ("irrelevant", "partial", "missing")
+
+
+def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: float = 0.0, seed: int = 42
+                           ) -> tuple[list[dict], dict[str, int]]:
+    """Training records with the `knowledge` text the template shows, and how many got each kind of noise.
+
+    With probability `noise`, a record is changed so that the model learns to use good facts and ignore bad ones
+    (docs/knowledge.md): `irrelevant` adds another disease's entry (the answer stays); for a question about one
+    attribute of a linked disease (not a multiple-choice one), `partial` shows that disease's other attributes
+    instead of the asked one and `missing` shows no entry, and the answer becomes an honest "I have no reliable
+    information" (the wordings of the data's unknown-disease answers). A third of the noise goes to each kind."""
+    from medlora.databuild.safety import honest_answer
+    from medlora.evaluate import offered_letters
+
+    names = sorted(index.diseases)
+    out, counts = [], {kind: 0 for kind in NOISE_KINDS}
+    for number, record in enumerate(records):
+        rng = random.Random(f"{seed}\x1fknowledge\x1f{number}")
+        found = index.retrieve(f"{record['instruction']}\n{record.get('input', '')}")
+        facts, output, kind = found.facts, record["output"], None
+        roll = rng.random()
+        single = found.attribute and found.facts and not offered_letters(record)
+        if roll < noise / 3 and names:
+            other = rng.choice(names)
+            keys = dict.fromkeys(key for _, key, _ in found.facts) or DEFAULT_KEYS
+            extra = index.facts([other], keys) if other not in found.diseases else []
+            facts = extra + facts if rng.random() < 0.5 else facts + extra
+            kind = "irrelevant" if extra else None
+        elif roll < noise and single:
+            disease = found.diseases[0]
+            if roll < 2 * noise / 3:
+                others = [key for key in ATTRIBUTES if key != found.attribute and index.items(disease, key)]
+                facts, kind = index.facts([disease], others[:2]), "partial"
+            else:
+                facts, kind = [], "missing"
+            output = honest_answer(disease, rng)
+        if kind:
+            counts[kind] += 1
+        out.append({**record, "output": output, "knowledge": Retrieved(found.diseases, found.attribute, facts).text()})
+    return out, counts
 
 
 def read_knowledge_file(path: str | Path) -> list[dict]:
@@ -231,6 +342,13 @@ def _knowledge_record(row, where: str) -> dict:
         else:
             raise DataError(f"{where}: field {key!r} must be a non-empty list of strings")
     return record
+
+
+@lru_cache(maxsize=3)
+def _source(name: str) -> KnowledgeIndex:
+    from medlora.databuild import load_sources
+
+    return KnowledgeIndex(load_sources(name))
 
 
 @lru_cache(maxsize=4)

@@ -43,7 +43,8 @@ def tokenize_records(
     add_eos_token: bool = True,
 ) -> tuple[list[dict], TokenizeStats]:
     """Token ids, attention mask and labels for each record; records left with no target are dropped."""
-    prompts = [template.build_prompt(r["instruction"], r["input"], tokenizer) for r in records]
+    prompts = [template.build_prompt(r["instruction"], r["input"], tokenizer, knowledge=r.get("knowledge"))
+               for r in records]
     # The prompt gets the tokenizer's usual specials (e.g. Gemma's <bos>); the answer none, then EOS.
     prompt_ids = tokenizer(prompts, add_special_tokens=not template.use_chat_template)["input_ids"]
     answer_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]

@@ -97,15 +97,32 @@ def check_cutoff_len(base_model: str, cutoff_len: int, trust_remote_code: bool =
         raise ConfigError(f"--cutoff_len {cutoff_len} exceeds the model's context of {context} tokens")
 
 
-def prepare_datasets(data: DataArgs, tokenizer, seed: int):
-    """Tokenised train/validation datasets and what happened on the way, reported before training."""
+def load_knowledge(data: DataArgs):
+    """The knowledge index of --knowledge (None when off); a bad knowledge file is refused here, before any model."""
+    if not data.knowledge_on:
+        return None
+    from medlora.knowledge import KnowledgeIndex
+
+    return KnowledgeIndex.load(data.knowledge)
+
+
+def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
+    """Tokenised train/validation datasets and what happened on the way, reported before training. With
+    `knowledge` (a KnowledgeIndex), each record gets the facts retrieved for it, the training ones with noise."""
     from datasets import Dataset
 
-    template = load_template(data.prompt_template)
+    template = load_template(data.template_name)
     records = load_records(data.data_path, columns=data.columns or None)
     train_records, val_records = split_records(records, data.val_set_size, seed) if data.val_set_size else (records, [])
     if data.val_data_path:
         val_records = load_records(data.val_data_path, columns=data.columns or None)
+    if knowledge is not None:
+        from medlora.knowledge import knowledge_for_training
+
+        train_records, noise = knowledge_for_training(train_records, knowledge, data.knowledge_noise, seed)
+        val_records, _ = knowledge_for_training(val_records, knowledge, 0.0, seed)
+        logger.info("knowledge %s: facts for %d of %d training records; noise %s", data.knowledge,
+                    sum(bool(r["knowledge"]) for r in train_records), len(train_records), noise)
     tokenize = dict(template=template, tokenizer=tokenizer, cutoff_len=data.cutoff_len,
                     train_on_inputs=data.train_on_inputs, add_eos_token=data.add_eos_token)
     train_examples, stats = tokenize_records(train_records, **tokenize)
@@ -294,6 +311,7 @@ def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bo
 def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, echo=print) -> TrainResult:
     """Train a LoRA adapter and save it in `args.output_dir`."""
     set_seed(args.seed)
+    knowledge = load_knowledge(data)
     check_cutoff_len(model_args.base_model, data.cutoff_len, model_args.trust_remote_code)
     preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code)
     gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
@@ -303,7 +321,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
                                     echo if is_main_process() else (lambda *_: None))
 
     tokenizer = load_tokenizer(model_args.base_model, padding_side="right", trust_remote_code=model_args.trust_remote_code)
-    template, train_ds, val_ds, stats = prepare_datasets(data, tokenizer, args.seed)
+    template, train_ds, val_ds, stats = prepare_datasets(data, tokenizer, args.seed, knowledge)
     if is_main_process():
         echo(f"[medlora] {stats.summary()}; {len(train_ds)} train / {len(val_ds) if val_ds else 0} validation examples")
 
@@ -340,6 +358,8 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model_wrapped)} if sharded else {}
     if trainer.is_world_process_zero():
         meta = adapter_metadata(model_args, data, lora, args, template, model)
+        if knowledge is not None:
+            meta["knowledge"] = {"source": data.knowledge, "sha256": knowledge.sha256}
         meta["result"] = {"train_loss": train_losses[-1] if train_losses else None,
                           "eval_loss": eval_losses[-1] if eval_losses else None, "wall_seconds": round(wall, 2)}
         save_adapter(model, tokenizer, args.output_dir, meta, save_bin=args.save_bin, **gathered)

@@ -18,8 +18,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "one") 
                            help="use the adapter given by --lora_weights (default: when --lora_weights is given)")
     group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
                        help="template name or JSON file (default: the adapter's, else med_template)")
+    add_knowledge_argument(group)
     group.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                        help="merge the adapter into the base weights for faster inference (default: true)")
+
+
+def add_knowledge_argument(group) -> None:
+    group.add_argument("--knowledge", default=None, metavar="SOURCE",
+                       help="put facts retrieved from a knowledge base into the prompt: kb, cmekg, both, a JSONL/YAML "
+                            "file, or none (default: the source the adapter was trained with, else none)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +55,8 @@ def load_generator(args: argparse.Namespace, lora_weights: str | None = None):
 
     margs = model_args(args)
     return Generator.load(margs.base_model, lora_weights, args.prompt_template, margs.dtype, margs.load_8bit,
-                          margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora)
+                          margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora,
+                          knowledge=args.knowledge)
 
 
 def _whole_number(value: str, low: int, high: float, expected: str) -> int:

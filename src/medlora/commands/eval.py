@@ -8,12 +8,13 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import add_generation_arguments, generation_args, model_args
+from medlora.commands._common import add_generation_arguments, add_knowledge_argument, generation_args, model_args
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
 from medlora.errors import ConfigError
 from medlora.io import check_output_folder
 
 BASE_LABEL = "base"
+BASE_KNOWLEDGE_LABEL = "base+knowledge"
 RESULTS = "results.jsonl"
 METRICS = "metrics.json"
 log = logging.getLogger("medlora")
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folder name unless NAME= is given")
     models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
                         help="template name or JSON file (default: the adapter's, else med_template)")
+    add_knowledge_argument(models)
+    models.add_argument("--base_knowledge", default=None, metavar="SOURCE",
+                        help=f"also evaluate the base model prompted with facts from SOURCE (kb, cmekg, both, a file), "
+                             f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
     io = parser.add_argument_group("input and output")
     io.add_argument("--data", "--instruct_dir", dest="data", default=None,
                     help="records with golden outputs (any finetune data format)")
@@ -58,8 +63,9 @@ def model_specs(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[t
     """(adapters, results files) as (label, path) pairs; labels are checked to be distinct folder names."""
     adapters = [labelled(s, Path(s.rstrip("/")).name) for s in args.lora_weights]
     results = [labelled(s, Path(s).resolve().parent.name) for s in args.results]
-    generating = bool(adapters) or "base_model" in vars(args) or not results
-    labels = ([BASE_LABEL] if generating else []) + [label for label, _ in adapters + results]
+    generating = bool(adapters) or "base_model" in vars(args) or not results or bool(args.base_knowledge)
+    bases = [(BASE_LABEL, "")] + ([(BASE_KNOWLEDGE_LABEL, "")] if args.base_knowledge else [])
+    labels = ([label for label, _ in bases] if generating else []) + [label for label, _ in adapters + results]
     for label in labels:
         if label in ("", ".", "..") or "/" in label or "\\" in label:
             raise ConfigError(f"model label {label!r} cannot be a folder name; choose one with NAME=PATH")
@@ -70,7 +76,7 @@ def model_specs(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[t
         raise ConfigError("--data FILE (records with golden outputs) is needed to generate answers")
     if args.perplexity and not generating:
         raise ConfigError("--perplexity needs a model (--base_model / --lora_weights) and --data")
-    return ([(BASE_LABEL, "")] + adapters if generating else []), results
+    return (bases + adapters if generating else []), results
 
 
 def read_results(path: str, limit: int) -> list[dict]:
@@ -92,27 +98,45 @@ def read_results(path: str, limit: int) -> list[dict]:
 
 def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tuple[dict, dict]:
     """Answer `records` with the base model, then with each adapter merged into a fresh copy of the base (merged
-    weights generate faster than an adapter on the side; the base loads in seconds)."""
+    weights generate faster than an adapter on the side; the base loads in seconds).
+
+    Knowledge: `--knowledge` for every model, else each adapter's own, none for the base and `--base_knowledge` for
+    the base+knowledge row. Templates: `--prompt_template`, else each adapter's own; a base row gets that of the
+    first adapter trained as it is prompted (with or without knowledge), so that the comparison is fair."""
     from medlora.commands.infer import answer_records
     from medlora.evaluate import perplexity
-    from medlora.generate import Generator, template_for
+    from medlora.generate import Generator, knowledge_for, template_for
     from medlora.modeling import preflight_adapter
 
     margs, gen = model_args(args), generation_args(args)
     adapter_dirs = [path for _, path in models if path]
     for path in adapter_dirs:  # refuse a bad adapter before spending time on the base model
         preflight_adapter(path, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
+    def source(label: str, adapter: str) -> str | None:
+        if args.knowledge:
+            return args.knowledge
+        if label == BASE_KNOWLEDGE_LABEL:
+            return args.base_knowledge
+        return None if adapter else "none"  # None: what the adapter records
+
+    # every source is loaded (and a bad one refused) before any model
+    knowledge = {label: knowledge_for(source(label, adapter), adapter or None) for label, adapter in models}
+    with_knowledge = {adapter: knowledge[label] is not None for label, adapter in models if adapter}
     rows_by_label, extra = {}, {}
     for label, adapter in models:
         log.info("eval: answering %d records with %s", len(records), label)
-        # Every model gets the same template: the base uses the adapters' so that the comparison is fair.
-        template = template_for(args.prompt_template, *([adapter] if adapter else adapter_dirs), margs.base_model)
+        alike = [adapter] if adapter else [p for p in adapter_dirs
+                                           if with_knowledge[p] == (knowledge[label] is not None)]
+        template = template_for(args.prompt_template, *alike, margs.base_model, knowledge=knowledge[label] is not None)
         loaded = Generator.load(margs.base_model, adapter or None, None, margs.dtype, margs.load_8bit,
-                                margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=True)
-        generator = Generator(loaded.model, loaded.tokenizer, template)
+                                margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=True,
+                                knowledge="none")
+        generator = Generator(loaded.model, loaded.tokenizer, template, knowledge[label])
         rows_by_label[label] = answer_records(generator, records, gen, args.batch_size)
-        if args.perplexity:
-            extra[label] = perplexity(generator, None, None, records, batch_size=args.batch_size)
+        if args.perplexity:  # the golden answers after the same prompts, facts included
+            scored = [{**r, "knowledge": f.text()} if f is not None else r
+                      for r, f in ((r, generator.lookup(r["instruction"], r["input"])) for r in records)]
+            extra[label] = perplexity(generator, None, None, scored, batch_size=args.batch_size)
         del loaded, generator
     return rows_by_label, extra
 

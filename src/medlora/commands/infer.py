@@ -28,8 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_block(row: dict) -> str:
-    """The seed's printed block for one record."""
+    """The seed's printed block for one record (with a ###knowledge### block when the prompt had facts)."""
     lines = ["###Instruction###", row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")]
+    if row.get("knowledge") is not None:
+        from medlora.knowledge import Retrieved
+        from medlora.templates import NO_KNOWLEDGE
+
+        lines += ["###knowledge###", Retrieved.from_dict(row["knowledge"]).text() or NO_KNOWLEDGE]
     if row.get("golden"):
         lines += ["###golden output###", row["golden"]]
     lines += ["###model output###", row["output"]]
@@ -37,16 +42,19 @@ def format_block(row: dict) -> str:
 
 
 def answer_records(generator, records: list[dict], gen, batch_size: int) -> list[dict]:
-    """results.jsonl rows: the record (its labels such as `kind` too), its golden and model output, and timing."""
+    """results.jsonl rows: the record (its labels such as `kind` too), its golden and model output, timing, and
+    with knowledge on, the entries retrieved for it."""
     from medlora.data import META_FIELDS
 
-    prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in records]
+    found = [generator.lookup(r["instruction"], r["input"]) for r in records]
+    prompts = [generator.build_prompt(r["instruction"], r["input"], retrieved=f) for r, f in zip(records, found)]
     answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)
     return [
         {"instruction": r["instruction"], "input": r["input"], "golden": r["output"], "output": a.text,
          "tokens": a.n_tokens, "seconds": round(a.seconds, 4), "ended_by_eos": a.ended_by_eos,
-         **{name: r[name] for name in META_FIELDS if name in r}}
-        for r, a in zip(records, answers)
+         **{name: r[name] for name in META_FIELDS if name in r},
+         **({"knowledge": f.to_dict()} if f is not None else {})}
+        for r, a, f in zip(records, answers, found)
     ]
 
 

@@ -7,7 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from medlora.commands._common import add_server_arguments, check_bindable, model_args, positive_int
+from medlora.commands._common import (add_knowledge_argument, add_server_arguments, check_bindable, model_args,
+                                      positive_int)
 from medlora.config import ModelArgs, add_dataclass_args
 from medlora.errors import ConfigError
 from medlora.serve import LOOPBACK
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
     models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
                         help="template name or JSON file for every model (default: each adapter's, else med_template)")
+    add_knowledge_argument(models)
     server = add_server_arguments(parser, "server", 8000, "this machine only")
     server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MEDLORA_API_KEY; unset: no key)")
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     margs = model_args(args)
     engine = Engine.load(margs.base_model, parse_adapters(args.lora_weights), args.prompt_template, margs.dtype,
                          margs.load_8bit, margs.load_4bit, margs.trust_remote_code, margs.allow_pickle,
-                         max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+                         knowledge=args.knowledge, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)
     settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=max_prompt,
                              max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)

@@ -33,6 +33,11 @@ def unknown_names(diseases: list[dict]) -> list[str]:
             if not any(normalise(name) in k or k in normalise(name) for k in known if len(k) > 1)]
 
 
+def honest_answer(name: str, rng: random.Random) -> str:
+    """One of the hand-written answers for a disease the model has no reliable facts about."""
+    return rng.choice(phrasing()["unknown"]["answers"]).format(name=name)
+
+
 def unknown(name: str, rng: random.Random) -> tuple[str, str]:
     table = phrasing()["unknown"]
     values = {"name": name, "attribute_cn": rng.choice(list(ATTRIBUTES.values()))}

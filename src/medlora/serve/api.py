@@ -92,10 +92,11 @@ def _meta(prefix: str, model: str) -> dict:
 
 # --- server-sent events ------------------------------------------------------------------------------------
 
-async def chat_chunks(stream: TextStream, model: str, prompt_tokens: int, include_usage: bool
-                      ) -> AsyncIterator[BaseModel]:
+async def chat_chunks(stream: TextStream, model: str, prompt_tokens: int, include_usage: bool,
+                      knowledge: dict | None = None) -> AsyncIterator[BaseModel]:
     meta = _meta("chatcmpl", model)
-    yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+    yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+                              medlora_knowledge=knowledge)
     async for piece in stream:
         yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChatDelta(content=piece))])
     reason = stream.output.finish_reason
@@ -118,7 +119,8 @@ async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict]:
     """`data: {chunk}` events, then `data: [DONE]`; a failure mid-stream becomes an `{"error": ...}` event."""
     try:
         async for chunk in chunks:
-            yield {"data": chunk.model_dump_json()}
+            absent = {"medlora_knowledge"} if getattr(chunk, "medlora_knowledge", None) is None else None
+            yield {"data": chunk.model_dump_json(exclude=absent)}
     except Exception as exc:  # the response has started: the error can only travel as an event
         yield {"data": json.dumps(as_api_error(exc).body(), ensure_ascii=False)}
     yield {"data": "[DONE]"}
@@ -322,39 +324,44 @@ def _document_openapi(app: FastAPI) -> None:
 
 
 def _add_generation_routes(app: FastAPI, engine: Engine, settings: ServeSettings, bearer: list) -> None:
-    async def prepare(body: SamplingFields, build_prompt: Callable[[str], str], param: str):
+    async def prepare(body: SamplingFields, build_prompt: Callable[[str], tuple], param: str):
+        """The queued request, its prompt's token count, whether usage is streamed, and the knowledge found."""
         name = engine.resolve(body.model)
         gen = generation_args(body, settings)
         stops = stop_strings(body.stop)
 
-        def prompt_and_count():  # tokenising a long prompt is CPU work: off the event loop
-            prompt = build_prompt(name)
-            return prompt, engine.count_tokens(name, prompt)
+        def prompt_and_count():  # tokenising a long prompt (and retrieval) is CPU work: off the event loop
+            prompt, found = build_prompt(name)
+            return prompt, found, engine.count_tokens(name, prompt)
 
-        prompt, prompt_tokens = await run_in_threadpool(prompt_and_count)
+        prompt, found, prompt_tokens = await run_in_threadpool(prompt_and_count)
         check_prompt_length(prompt_tokens, gen.max_new_tokens, settings, engine.context_length, param)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return GenerationRequest(name, prompt, gen, stops), prompt_tokens, include_usage
+        knowledge = found.to_dict() if found is not None else None
+        return GenerationRequest(name, prompt, gen, stops), prompt_tokens, include_usage, knowledge
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=bearer, tags=["openai"],
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
+              dependencies=bearer, tags=["openai"],
               responses={**ERROR_RESPONSES, 200: stream_response(ChatCompletionChunk)})
     async def chat_completions(body: ChatCompletionRequest):
         """Answer a conversation; messages go through the model's prompt template (or its chat template)."""
         messages = [message.model_dump() for message in body.messages]
-        request, prompt_tokens, include_usage = await prepare(
+        request, prompt_tokens, include_usage, knowledge = await prepare(
             body, lambda name: engine.chat_prompt(name, messages), "messages")
         if body.stream:
-            return event_stream(chat_chunks(engine.open_stream(request), request.model, prompt_tokens, include_usage))
+            return event_stream(chat_chunks(engine.open_stream(request), request.model, prompt_tokens, include_usage,
+                                            knowledge))
         output = await engine.complete(request)
         choice = ChatChoice(message=AssistantMessage(content=output.text), finish_reason=output.finish_reason)
-        return ChatCompletion(**_meta("chatcmpl", request.model), choices=[choice], usage=usage(prompt_tokens, output))
+        return ChatCompletion(**_meta("chatcmpl", request.model), choices=[choice], usage=usage(prompt_tokens, output),
+                              medlora_knowledge=knowledge)
 
     @app.post("/v1/completions", response_model=Completion, dependencies=bearer, tags=["openai"],
               responses={**ERROR_RESPONSES, 200: stream_response(Completion)})
     async def completions(body: CompletionRequest):
         """Continue a raw prompt (no template); the answer is cut at the template's section markers."""
         text = completion_prompt(body.prompt)
-        request, prompt_tokens, include_usage = await prepare(body, lambda name: text, "prompt")
+        request, prompt_tokens, include_usage, _ = await prepare(body, lambda name: (text, None), "prompt")
         if body.stream:
             return event_stream(completion_chunks(engine.open_stream(request), request.model, prompt_tokens,
                                                   include_usage))

@@ -19,13 +19,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
 
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
-from medlora.generate import Generator, StreamStats, template_for
+from medlora.generate import Generator, StreamStats, knowledge_for, template_for
 from medlora.templates import Template
+
+if TYPE_CHECKING:
+    from medlora.knowledge import Retrieved
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +111,14 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, templates: dict[str, Template], base_name: str, text_tokenizer=None,
-                 max_batch_size: int = 8, max_queue: int = 256, context_length: int | None = None):
+                 max_batch_size: int = 8, max_queue: int = 256, context_length: int | None = None,
+                 knowledge: dict | None = None):
         if max_batch_size < 1 or max_queue < 1:
             raise ConfigError("--max_batch_size and --max_queue must be at least 1")
         self.model, self.base_name = model, base_name
-        self.generators = {name: Generator(model, tokenizer, template) for name, template in templates.items()}
+        knowledge = knowledge or {}
+        self.generators = {name: Generator(model, tokenizer, template, knowledge.get(name))
+                           for name, template in templates.items()}
         self.text_tokenizer = text_tokenizer or tokenizer  # request-side prompt building and counting only
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.context_length = context_length
@@ -126,8 +133,9 @@ class Engine:
     @classmethod
     def load(cls, base_model: str, adapters: dict[str, str] | None = None, prompt_template: str | None = None,
              dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
-             allow_pickle: bool = False, **engine_kwargs) -> "Engine":
-        """Load the base once and put every adapter on it as a named PeftModel adapter."""
+             allow_pickle: bool = False, knowledge: str | None = None, **engine_kwargs) -> "Engine":
+        """Load the base once and put every adapter on it as a named PeftModel adapter. `knowledge`: for every
+        model, else each adapter's own (medlora.json), else none."""
         from medlora.modeling import load_adapter, load_base_model, load_tokenizer, preflight_adapter
 
         adapters = dict(adapters or {})
@@ -136,13 +144,16 @@ class Engine:
             preflight_adapter(path, base_model, allow_pickle, trust_remote_code)
         tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
         text_tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
-        templates = {base_model: template_for(prompt_template, base_model)}
-        templates.update({name: template_for(prompt_template, path, base_model) for name, path in adapters.items()})
+        folders = {base_model: [base_model], **{name: [path, base_model] for name, path in adapters.items()}}
+        indexes = {name: knowledge_for(knowledge, *where) for name, where in folders.items()}
+        templates = {name: template_for(prompt_template, *where, knowledge=indexes[name] is not None)
+                     for name, where in folders.items()}
         model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)
         context = getattr(model.config, "max_position_embeddings", None)
         for name, path in adapters.items():
             model = load_adapter(model, path, allow_pickle=allow_pickle, adapter_name=name)
-        return cls(model, tokenizer, templates, base_model, text_tokenizer, context_length=context, **engine_kwargs)
+        return cls(model, tokenizer, templates, base_model, text_tokenizer, context_length=context,
+                   knowledge=indexes, **engine_kwargs)
 
     # request side (any thread) ----------------------------------------------------------------------------
 
@@ -162,15 +173,22 @@ class Engine:
                            param="model", code="model_not_found")
         return name
 
-    def chat_prompt(self, name: str, messages: list[dict]) -> str:
-        """The prompt for a conversation of {"role", "content"} messages, through the model's template."""
-        template = self.generators[name].template
+    def chat_prompt(self, name: str, messages: list[dict]) -> tuple[str, "Retrieved | None"]:
+        """The prompt for a conversation of {"role", "content"} messages, through the model's template, and the
+        facts retrieved for its last user message (None when the model has no knowledge)."""
+        generator = self.generators[name]
+        template = generator.template
+        last_user, history = split_conversation(messages)
+        found = generator.lookup(last_user)
+        knowledge = found.text() if found is not None else None
         if template.use_chat_template and getattr(self.text_tokenizer, "chat_template", None):
             messages = chat_template_messages(messages)
+            if knowledge is not None and messages and messages[-1]["role"] == "user":
+                messages[-1] = {**messages[-1], "content": template.knowledge_instruction(last_user, knowledge)}
             with self._text_lock:
-                return self.text_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        last_user, history = split_conversation(messages)
-        return template.build_prompt(last_user, "", self.text_tokenizer, history)
+                return self.text_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                               add_generation_prompt=True), found
+        return template.build_prompt(last_user, "", self.text_tokenizer, history, knowledge), found
 
     def count_tokens(self, name: str, text: str) -> int:
         special = not self.generators[name].template.use_chat_template  # as Generator._encode does

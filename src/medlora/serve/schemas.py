@@ -59,6 +59,10 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+KNOWLEDGE_FIELD = ("medlora's own: the knowledge-base entries retrieved for the last user message "
+                   "({diseases, attribute, facts: [{disease, attribute, items}]}); absent when knowledge is off")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -77,6 +81,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    medlora_knowledge: dict | None = Field(default=None, description=KNOWLEDGE_FIELD)
 
 
 class ChatDelta(BaseModel):
@@ -99,6 +104,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    medlora_knowledge: dict | None = Field(default=None, description=KNOWLEDGE_FIELD + " (first chunk only)")
 
 
 class CompletionChoice(BaseModel):

@@ -23,6 +23,7 @@ from medlora.config import GenerationArgs  # noqa: E402
 from medlora.errors import ConfigError  # noqa: E402
 from medlora.generate import Generator  # noqa: E402
 from medlora.serve import LOOPBACK  # noqa: E402
+from medlora.templates import NO_KNOWLEDGE  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ def stream_answer(generator: Generator, prompt: str, gen: GenerationArgs) -> Ite
             pass
 
 
+def knowledge_markdown(found) -> str:
+    """The facts a prompt was given, shown under the answer ("" when the model has no knowledge)."""
+    if found is None:
+        return ""
+    body = "\n".join(f"- {line}" for line in found.text().splitlines() or [NO_KNOWLEDGE])
+    return f"**知识库条目 · knowledge used**\n\n{body}"
+
+
 def to_messages(history: list[tuple[str, str]]) -> list[dict]:
     messages = []
     for question, answer in history:
@@ -78,26 +87,29 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
     def chat_turn(question, history, max_new_tokens, temperature, top_p):
         question = (question or "").strip()
         if not question:
-            yield "", history, to_messages(history)
+            yield "", history, to_messages(history), gr.update()
             return
-        prompt = generator.build_prompt(question, history=history)
-        answer = ""
+        found = generator.lookup(question)
+        prompt = generator.build_prompt(question, history=history, retrieved=found)
+        answer, facts = "", knowledge_markdown(found)
         for answer in stream_answer(generator, prompt, settings(gen, max_new_tokens, temperature, top_p)):
-            yield "", history, to_messages([*history, (question, answer)])
+            yield "", history, to_messages([*history, (question, answer)]), facts
         history = [*history, (question, answer.strip())]
-        yield "", history, to_messages(history)
+        yield "", history, to_messages(history), facts
 
     def compare_turn(question, max_new_tokens, temperature, top_p):
         question = (question or "").strip()
         if not question:
             return
-        prompt, current = generator.build_prompt(question), settings(gen, max_new_tokens, temperature, top_p)
-        tuned = ""
+        found = generator.lookup(question)
+        prompt, current = generator.build_prompt(question, retrieved=found), settings(gen, max_new_tokens, temperature,
+                                                                                      top_p)
+        tuned, facts = "", knowledge_markdown(found)
         for tuned in stream_answer(generator, prompt, current):
-            yield "", tuned
+            yield "", tuned, facts
         with generator.model.disable_adapter():
             for base in stream_answer(generator, prompt, current):
-                yield base, tuned
+                yield base, tuned, facts
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title} · 中文医疗问答")
@@ -119,12 +131,14 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
                 send = gr.Button("发送 · send", variant="primary", scale=1, elem_id="send")
                 stop = gr.Button("停止 · stop", scale=1, elem_id="stop")
                 clear = gr.Button("清空 · clear", scale=1, elem_id="clear")
+            knowledge = gr.Markdown("", elem_id="knowledge")
             gr.Examples(EXAMPLES, inputs=question, label="示例问题 · examples")
-            turn = dict(fn=chat_turn, inputs=[question, history, *knobs], outputs=[question, history, chatbot],
-                        concurrency_limit=1, concurrency_id=MODEL_SLOT)
+            turn = dict(fn=chat_turn, inputs=[question, history, *knobs],
+                        outputs=[question, history, chatbot, knowledge], concurrency_limit=1,
+                        concurrency_id=MODEL_SLOT)
             events = [send.click(**turn), question.submit(**turn)]
             stop.click(None, cancels=events)
-            clear.click(lambda: ([], []), outputs=[history, chatbot], cancels=events)
+            clear.click(lambda: ([], [], ""), outputs=[history, chatbot, knowledge], cancels=events)
 
         with gr.Tab("对比 · base vs tuned"):
             if compare:
@@ -136,9 +150,11 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
                                              elem_id="base-answer")
                     tuned_answer = gr.Textbox(label="微调模型 · tuned (base + LoRA)", lines=8, interactive=False,
                                               elem_id="tuned-answer")
+                compare_knowledge = gr.Markdown("", elem_id="compare-knowledge")
                 gr.Examples(EXAMPLES, inputs=compare_question, label="示例问题 · examples")
                 side_by_side = dict(fn=compare_turn, inputs=[compare_question, *knobs],
-                                    outputs=[base_answer, tuned_answer], concurrency_limit=1, concurrency_id=MODEL_SLOT)
+                                    outputs=[base_answer, tuned_answer, compare_knowledge], concurrency_limit=1,
+                                    concurrency_id=MODEL_SLOT)
                 compare_button.click(**side_by_side)
                 compare_question.submit(**side_by_side)
             else:

@@ -2,6 +2,10 @@
 
 A template file holds `description`, `prompt_input`, `prompt_no_input` and `response_split`.
 `--prompt_template` takes a built-in name (see `BUILTIN_TEMPLATES`) or a path to such a file.
+
+Knowledge (`--knowledge`, docs/knowledge.md): a template with a `{knowledge}` slot (the built-in `med_knowledge`) gets
+the retrieved facts there, or its `no_knowledge` text when retrieval found none; a template without the slot gets
+them before the instruction, under KNOWLEDGE_HEADER.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).parent
 ALIASES = {"chinese_med": "med_template", "med": "med_template"}
-BUILTIN_TEMPLATES = ("med_template", "alpaca", "chat")
+BUILTIN_TEMPLATES = ("med_template", "med_knowledge", "alpaca", "chat")
+KNOWLEDGE_TEMPLATE = "med_knowledge"  # what --knowledge uses when no template is named
+KNOWLEDGE_HEADER = "参考知识:"  # for templates without a {knowledge} slot
+NO_KNOWLEDGE = "（知识库中没有找到相关条目）"
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 
 
@@ -31,21 +38,38 @@ class Template:
     response_split: str = ""
     description: str = ""
     use_chat_template: bool = False
+    no_knowledge: str = NO_KNOWLEDGE
     _warned_dropped_input: bool = field(default=False, repr=False)
 
-    def build_prompt(self, instruction: str, input: str = "", tokenizer=None, history=()) -> str:
+    @property
+    def has_knowledge_slot(self) -> bool:
+        return "{knowledge}" in self.prompt_no_input
+
+    def build_prompt(self, instruction: str, input: str = "", tokenizer=None, history=(),
+                     knowledge: str | None = None) -> str:
         """The prompt text the model sees before its answer.
 
-        `history` is a sequence of earlier (user, assistant) turns, for multi-turn chat.
+        `history` is a sequence of earlier (user, assistant) turns, for multi-turn chat. `knowledge` is the retrieved
+        facts' text for this (the last) question: "" when retrieval found none, None when knowledge is off.
         """
+        if not self.has_knowledge_slot:
+            instruction, knowledge = self.knowledge_instruction(instruction, knowledge), None
         if self.use_chat_template:
             return self._build_chat_prompt(instruction, input, tokenizer, history)
-        prompt = "".join(self._format(user, "") + answer + "\n" for user, answer in history)
-        return prompt + self._format(instruction, input)
+        prompt = "".join(self._format(user, "", None) + answer + "\n" for user, answer in history)
+        return prompt + self._format(instruction, input, knowledge)
 
-    def _format(self, instruction: str, input: str) -> str:
+    def knowledge_instruction(self, instruction: str, knowledge: str | None) -> str:
+        """For a template without a {knowledge} slot (and for a chat template's last user message): the
+        instruction with the facts before it; unchanged when knowledge is off."""
+        if knowledge is None:
+            return instruction
+        return f"{KNOWLEDGE_HEADER}\n{knowledge or self.no_knowledge}\n\n{instruction}"
+
+    def _format(self, instruction: str, input: str, knowledge: str | None) -> str:
+        slots = {"knowledge": knowledge or self.no_knowledge} if self.has_knowledge_slot else {}
         if not input:
-            return self.prompt_no_input.format(instruction=instruction)
+            return self.prompt_no_input.format(instruction=instruction, **slots)
         if "{input}" not in self.prompt_input:
             # The Huatuo template has no {input} slot: keep the input rather than lose it silently.
             if not self._warned_dropped_input:
@@ -53,8 +77,8 @@ class Template:
                     "template %r has no {input} slot; appending each record's input to its instruction", self.name
                 )
                 self._warned_dropped_input = True
-            return self.prompt_input.format(instruction=f"{instruction}\n{input}")
-        return self.prompt_input.format(instruction=instruction, input=input)
+            return self.prompt_input.format(instruction=f"{instruction}\n{input}", **slots)
+        return self.prompt_input.format(instruction=instruction, input=input, **slots)
 
     def _build_chat_prompt(self, instruction, input, tokenizer, history) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -94,6 +118,7 @@ class Template:
             "prompt_no_input": self.prompt_no_input,
             "response_split": self.response_split,
             "use_chat_template": self.use_chat_template,
+            **({"no_knowledge": self.no_knowledge} if self.has_knowledge_slot else {}),
         }
 
 
@@ -104,7 +129,7 @@ def load_template(name_or_path: str | dict) -> Template:
         return Template(
             name=data.pop("name", "custom"),
             use_chat_template=data.pop("use_chat_template", False),
-            **{k: data[k] for k in (*REQUIRED_KEYS, "description") if k in data},
+            **{k: data[k] for k in (*REQUIRED_KEYS, "description", "no_knowledge") if k in data},
         )
     name = ALIASES.get(name_or_path, name_or_path)
     if name == "chat":
@@ -126,10 +151,15 @@ def load_template(name_or_path: str | dict) -> Template:
             raise TemplateError(f"{path}: field {key!r} must be a string")
     if "{instruction}" not in data["prompt_no_input"] or "{instruction}" not in data["prompt_input"]:
         raise TemplateError(f"{path}: prompt_input and prompt_no_input must contain {{instruction}}")
+    if ("{knowledge}" in data["prompt_no_input"]) != ("{knowledge}" in data["prompt_input"]):
+        raise TemplateError(f"{path}: a {{knowledge}} slot must be in both prompt_input and prompt_no_input")
+    if not isinstance(data.get("no_knowledge", ""), str):
+        raise TemplateError(f"{path}: field 'no_knowledge' must be a string")
     return Template(
         name=path.stem,
         prompt_input=data["prompt_input"],
         prompt_no_input=data["prompt_no_input"],
         response_split=data["response_split"],
         description=data.get("description", ""),
+        **({"no_knowledge": data["no_knowledge"]} if data.get("no_knowledge") else {}),
     )
