@@ -207,6 +207,12 @@ def cli_results(adapters, tiny_model, tmp_path_factory) -> dict[str, dict]:
         "infer:out": [*infer, "--model_output_dir", str(a_file)],
         "eval:out": ["eval", *base, "--data", str(good_data), "--out", str(a_file)],
         "data:out": ["data", "build", "--out", str(a_file)],
+        # output folders where nothing can be written: under a file, under /proc
+        "finetune:under_file": [*train, "--data_path", str(good_data), "--output_dir", str(a_file / "run")],
+        "infer:proc": [*infer, "--model_output_dir", "/proc/medlora-results"],
+        "eval:proc": ["eval", *base, "--data", str(good_data), "--out", "/proc/medlora-eval"],
+        "merge:under_file": ["merge", *base, "--lora_weights", str(adapters["truncated"]), "--out",
+                             str(a_file / "merged")],
         "model:empty": ["infer", "--base_model", str(work / "empty_model"), "--instruct_dir", str(good_data)],
         "model:no_tokenizer": ["infer", "--base_model", str(work / "no_tokenizer"), "--instruct_dir", str(good_data)],
     })
@@ -231,13 +237,16 @@ BAD_SETTINGS = {  # finetune flags → the message (a traceback from torch or PE
 }
 
 
-def assert_one_line_error(result: dict, line: str, weights_loaded: int = 0) -> None:
+def assert_one_line_error(result: dict, line: str, weights_loaded: int = 0, prefix: bool = False) -> None:
+    """`line` is the whole error line, or with `prefix` its beginning (the rest is the system's reason)."""
     assert result["crash"] is None, result["crash"]
     assert result["code"] == 2, result
     assert "Traceback" not in result["stderr"]
     lines = result["stderr"].splitlines()
     # the error is the one line that is not a "[medlora] ..." progress note (e.g. the CPU-threads notice), and the last
-    assert [x for x in lines if not x.startswith("[medlora] ")] == [line] and lines[-1] == line, result["stderr"]
+    errors = [x for x in lines if not x.startswith("[medlora] ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result["stderr"]
+    assert (lines[-1].startswith(line) and len(lines[-1]) <= 300) if prefix else lines[-1] == line, result["stderr"]
     assert result["weights_loaded"] == weights_loaded, "weights were loaded before the error"
 
 
@@ -310,6 +319,19 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(cli_results,
     assert_one_line_error(cli_results[case], f"medlora {command}: error: {flag} {a_file}: exists and is not a folder")
 
 
+@pytest.mark.parametrize("case, message", [
+    ("finetune:under_file", "--output_dir {a_file}/run: {a_file} is a file, so no folder can be made under it"),
+    ("infer:proc", "--model_output_dir /proc/medlora-results: cannot write in /proc"),
+    ("eval:proc", "--out /proc/medlora-eval: cannot write in /proc"),
+    ("merge:under_file", "--out {a_file}: exists and is not a folder"),
+])
+def test_an_output_folder_where_nothing_can_be_written_is_refused_before_any_work(cli_results, case, message):
+    a_file = next(Path(arg) for arg in cli_results["finetune:out"]["argv"] if arg.endswith("a_file"))
+    result = cli_results[case]
+    assert_one_line_error(result, f"medlora {case.split(':')[0]}: error: " + message.format(a_file=a_file),
+                          prefix=True)
+
+
 def test_counts_must_be_whole_numbers_of_at_least_one():
     from medlora.commands._common import port_number, positive_int
 
@@ -334,3 +356,24 @@ def test_a_model_folder_without_config_or_tokenizer_files_is_named_with_what_is_
     assert line.endswith("token(s): its files (tokenizer.json, or vocab.json + merges.txt, or tokenizer.model) are "
                          "missing or unreadable; copy them from the base model")
     assert_one_line_error(no_tokenizer, line)
+
+
+@pytest.mark.parametrize("module, command, extra", [
+    ("gradio", ["webui", "--base_model", "tiny-qwen2", "--port", "1"], "web"),
+    ("pyCMeKG", ["data", "build", "--source", "cmekg", "--out", "{tmp}/never-written"], "cmekg"),
+])
+def test_a_missing_optional_extra_gets_one_line_naming_it(monkeypatch, capsys, tmp_path, module, command, extra):
+    """The extra's package cannot be imported (as on an install without it): one line, exit 2, no traceback."""
+    import importlib.util
+
+    from medlora.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "medlora.serve.webui", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == module else real_find_spec(name, *args))
+    assert main([part.format(tmp=tmp_path) for part in command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"medlora {command[0]}: error: ") and f"pip install 'medlora[{extra}]'" in err[-1]
+    assert not (tmp_path / "never-written").exists()

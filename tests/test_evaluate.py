@@ -208,3 +208,19 @@ def test_eval_refuses_duplicate_labels(tmp_path):
     proc = run_medlora("eval", "--results", "a/results.jsonl", "b/base/results.jsonl", "--base_model", "tiny-qwen2",
                        "--data", "x.jsonl", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and "labelled base" in proc.stderr
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "问", "output": "答"}, "field 'golden' is missing"),
+    ({"instruction": "问", "golden": None, "output": "答"}, "field 'golden' must be a string, got NoneType"),
+    ([1, 2], "a result must be a JSON object"),
+])
+def test_results_without_golden_answers_are_refused_naming_the_field(tmp_path, row, message):
+    path = tmp_path / "m" / "results.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"instruction": "问", "golden": "答", "output": "答"}) + "\n" + json.dumps(row) + "\n",
+                    encoding="utf-8")
+    proc = run_medlora("eval", "--results", str(path), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"medlora eval: error: {path}, line 2: {message}")
+    assert not (tmp_path / "out").exists()

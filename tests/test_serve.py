@@ -237,3 +237,25 @@ def test_bounds_below_one_are_refused_before_the_model_loads():
     proc = run_medlora("serve", "--base_model", "no/such-model", "--max_queue", "0", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--max_queue: expected a whole number of at least 1, got '0'")
+
+
+def test_an_empty_api_key_is_refused_rather_than_serving_open():
+    for env, flags in (({}, ["--api-key", ""]), ({"MEDLORA_API_KEY": " "}, [])):
+        proc = run_medlora("serve", "--base_model", "no/such-model", *flags, check=False, env=env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            "medlora serve: error: --api-key (or $MEDLORA_API_KEY) is empty, which would leave the server open: "
+            "give a key, or leave both unset to serve without one")
+
+
+def test_a_lone_surrogate_in_a_request_is_a_400_not_a_500(server):
+    for body in ('{"model": "tuned", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                 '{"model": "tuned", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udc00"}]}]}',
+                 '{"model": "tuned", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}'):
+        response = httpx.post(f"{server[0]}/v1/chat/completions", content=body.encode("ascii"),
+                              headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+        error = assert_openai_error(response, 400)
+        assert "unpaired surrogate" in error["message"], error
+    response = httpx.post(f"{server[0]}/v1/completions", content=b'{"model": "tuned", "prompt": "\\ud83d"}',
+                          headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert "unpaired surrogate" in assert_openai_error(response, 400)["message"]

@@ -72,3 +72,26 @@ def test_bad_template_files(tmp_path, content, message):
 def test_unknown_template_name():
     with pytest.raises(TemplateError, match="unknown template 'nope'"):
         load_template("nope")
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("{instruction} {foo}", "field 'prompt_no_input': unknown placeholder {foo}; allowed: {instruction}, {knowledge}"),
+    ("{instruction", "field 'prompt_no_input': unbalanced braces"),
+    ("{instruction} }", "field 'prompt_no_input': unbalanced braces"),
+    ("{instruction} {input}", "field 'prompt_no_input': unknown placeholder {input}"),  # no input to fill it
+    ("{instruction!r}", "field 'prompt_no_input': placeholder {instruction} has a format spec or conversion"),
+])
+def test_template_placeholders_are_checked_in_one_line(tmp_path, prompt, message):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt_input": "{instruction}{input}", "prompt_no_input": prompt,
+                                "response_split": "答:"}), encoding="utf-8")
+    with pytest.raises(TemplateError) as caught:
+        load_template(str(path))
+    assert str(caught.value).startswith(f"{path}: {message}") and "\n" not in str(caught.value)
+
+
+def test_literal_braces_are_allowed_in_a_template(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt_input": "{{JSON}} {instruction}{input}", "prompt_no_input": "{{x}} {instruction}",
+                                "response_split": "答:"}), encoding="utf-8")
+    assert load_template(str(path)).build_prompt("问") == "{x} 问"

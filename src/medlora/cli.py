@@ -27,6 +27,8 @@ COMMANDS = {
     "data": "build the built-in Chinese medical instruction data from the knowledge base",
 }
 MODEL_COMMANDS = ("finetune", "infer", "eval", "chat", "merge", "serve", "webui")
+# Packages of the optional extras (pyproject.toml), by the top-level module a missing one fails to import
+OPTIONAL_EXTRAS = {"gradio": "web", "pyCMeKG": "cmekg"}
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_ERROR = 1
 
@@ -89,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAINING_ERROR
     except MedloraError as exc:
         print(f"medlora {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in OPTIONAL_EXTRAS:
+            raise
+        extra = OPTIONAL_EXTRAS[top]
+        print(f"medlora {args.command}: error: this needs the optional package {top} (the '{extra}' extra): "
+              f"pip install 'medlora[{extra}]'", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"\nmedlora {args.command}: interrupted", file=sys.stderr)

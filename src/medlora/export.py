@@ -21,7 +21,7 @@ import torch
 from medlora import __version__
 from medlora.errors import ModelError
 from medlora.generate import template_for
-from medlora.io import atomic_write_text, remove_stale_staging, staging_prefix
+from medlora.io import atomic_write_text, check_output_folder, remove_stale_staging, staging_prefix
 from medlora.modeling import (MEDLORA_META, default_device, load_adapter, load_base_model, load_tokenizer,
                               preflight_adapter, read_adapter_meta, resolve_dtype, resolve_model_path)
 
@@ -135,6 +135,7 @@ def _check_out_dir(out_dir: Path, base_model: str, adapter_dir: str | Path) -> N
         raise ModelError(f"--out {out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise ModelError(f"--out {out_dir}: a non-empty folder that is not a saved model; refusing to replace it")
+    check_output_folder("--out", out_dir.parent)  # the merged folder is made beside it, then renamed
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

@@ -51,9 +51,22 @@ def data_file_hashes(*paths: str, root: str | Path = ".") -> dict[str, str]:
 
 
 def check_output_folder(flag: str, path: str | Path) -> None:
-    """Refuse an output folder that is a file before any work (not a traceback after the work is done)."""
-    if Path(path).exists() and not Path(path).is_dir():
+    """Refuse, before any work (not with a traceback after it), an output folder that is a file, that would sit
+    under a file, or where nothing can be written (read-only, immutable, /proc): a file is created and removed in
+    the folder, or in its nearest existing parent when it is yet to be made. Creates nothing that stays."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".medlora-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 def atomic_write_text(target: str | Path, text: str) -> Path:

@@ -90,9 +90,17 @@ def read_results(path: str, limit: int) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: a result must be a JSON object (a results.jsonl row)")
+            for name in ("instruction", "golden", "output"):
+                if not isinstance(row.get(name), str):
+                    state = "is missing" if name not in row else f"must be a string, got {type(row[name]).__name__}"
+                    raise DataError(f"{path}, line {number}: field '{name}' {state} (a results.jsonl row written by "
+                                    f"medlora infer/eval has instruction, golden and output)")
+            rows.append(row)
     return rows[:limit] if limit > 0 else rows
 
 

@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from medlora.serve.api import create_app
     from medlora.serve.engine import Engine, ServeSettings
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key (or $MEDLORA_API_KEY) is empty, which would leave the server open: give a key, "
+                          "or leave both unset to serve without one")
     check_bindable(args.host, args.port)
     margs = model_args(args)
     engine = Engine.load(margs.base_model, parse_adapters(args.lora_weights), args.prompt_template, margs.dtype,

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
+
+
+def _valid_text(value: str) -> str:
+    """Refuse a lone surrogate (JSON `"\\ud800"` without its pair): not text, and tokenizers crash on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"unpaired surrogate at character {exc.start + 1}: not valid text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]  # every string a request carries
 
 
 class _Lenient(BaseModel):
@@ -17,12 +29,12 @@ class _Lenient(BaseModel):
 
 class TextPart(_Lenient):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(_Lenient):
-    role: str = Field(description="system (or developer), user or assistant")
-    content: str | list[TextPart] | None = Field(None, description="the text, or a list of text parts")
+    role: Text = Field(description="system (or developer), user or assistant")
+    content: Text | list[TextPart] | None = Field(None, description="the text, or a list of text parts")
 
 
 class StreamOptions(_Lenient):
@@ -30,7 +42,7 @@ class StreamOptions(_Lenient):
 
 
 class SamplingFields(_Lenient):
-    model: str = Field(description="a served model id (see GET /v1/models); `base` is the base model")
+    model: Text = Field(description="a served model id (see GET /v1/models); `base` is the base model")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (1 to the server's cap)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy; above 0: sampling")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling threshold, with temperature > 0")
@@ -38,7 +50,7 @@ class SamplingFields(_Lenient):
                                             "time the answer already holds it (the prompt is not counted)")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from the logit of every "
                                            "token the answer already holds")
-    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
+    stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
     n: int | None = Field(None, description="number of answers; only 1 is supported")
     stream: bool = Field(False, description="answer as server-sent events ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
@@ -50,7 +62,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="the raw prompt (no template applied); a list must hold one string")
+    prompt: Text | list[Text] = Field(description="the raw prompt (no template applied); a list must hold one string")
 
 
 class Usage(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,27 @@ class Template:
         }
 
 
+SLOTS = ("instruction", "input", "knowledge")
+NO_INPUT_SLOTS = ("instruction", "knowledge")
+
+
+def check_placeholders(text: str, where: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a prompt whose `{...}` fields are not bare names among `allowed`, or whose braces do not pair (a
+    literal brace is written `{{` or `}}`)."""
+    names = ", ".join("{" + name + "}" for name in allowed)
+    try:
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(text)
+                  if field is not None]
+    except ValueError as exc:
+        raise TemplateError(f"{where}: unbalanced braces ({exc}); write a literal brace as {{{{ or }}}}") from None
+    for field, spec, conversion in fields:
+        if field not in allowed:
+            raise TemplateError(f"{where}: unknown placeholder {{{field}}}; allowed: {names} "
+                                f"(a literal brace is {{{{ or }}}})")
+        if spec or conversion:
+            raise TemplateError(f"{where}: placeholder {{{field}}} has a format spec or conversion; write it bare")
+
+
 def load_template(name_or_path: str | dict) -> Template:
     """A built-in template by name (or alias), a template JSON file, or a dict saved in medlora.json."""
     if isinstance(name_or_path, dict):
@@ -149,6 +171,8 @@ def load_template(name_or_path: str | dict) -> Template:
     for key in REQUIRED_KEYS:
         if not isinstance(data.get(key), str):
             raise TemplateError(f"{path}: field {key!r} must be a string")
+    for key in ("prompt_input", "prompt_no_input"):
+        check_placeholders(data[key], f"{path}: field {key!r}", SLOTS if key == "prompt_input" else NO_INPUT_SLOTS)
     if "{instruction}" not in data["prompt_no_input"] or "{instruction}" not in data["prompt_input"]:
         raise TemplateError(f"{path}: prompt_input and prompt_no_input must contain {{instruction}}")
     if ("{knowledge}" in data["prompt_no_input"]) != ("{knowledge}" in data["prompt_input"]):
