@@ -231,6 +231,9 @@ BAD_SETTINGS = {  # finetune flags → the message (a traceback from torch or PE
     ("--save_steps", "0"): "--save_steps must be at least 1",
     ("--lora_target_modules", ""): "--lora_target_modules is empty: name the modules (e.g. q_proj,v_proj) or use "
                                    "all-linear",
+    ("--warmup_steps", "inf"): "--warmup_steps and --weight_decay must be 0 or more (and finite)",
+    ("--seed", "-1"): "--seed must be from 0 to 4294967295",
+    ("--lora_r", "100000000"): "--lora_r 100000000 exceeds the size of the target layers: at most 64 for this model",
     ("--report_to", "bogus"): "--report_to bogus: use auto, none, all or any of azure_ml, comet_ml, mlflow, neptune, "
                               "tensorboard, trackio, wandb, codecarbon, clearml, dagshub, flyte, dvclive, swanlab, "
                               "kubeflow",
@@ -377,3 +380,32 @@ def test_a_missing_optional_extra_gets_one_line_naming_it(monkeypatch, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"medlora {command[0]}: error: ") and f"pip install 'medlora[{extra}]'" in err[-1]
     assert not (tmp_path / "never-written").exists()
+
+
+def test_fifos_symlink_loops_and_repeated_keys_get_their_own_message(tmp_path):
+    fifo, loop = tmp_path / "pipe.jsonl", tmp_path / "loop.jsonl"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text('{"instruction": "问", "output": "答"}\n{"instruction": "问", "output": "答", "output": "另"}\n',
+                        encoding="utf-8")
+    array = tmp_path / "repeated.json"
+    array.write_text('[{"instruction": "问", "instruction": "又问", "output": "答"}]', encoding="utf-8")
+    for source, message in ((fifo, "not a regular file or folder (a FIFO, device or socket cannot be read as data)"),
+                            (loop, "a symbolic link that leads nowhere (a loop, or its target is missing)"),
+                            (repeated, "line 2: key 'output' appears twice in one record"),
+                            (array, "key 'instruction' appears twice in one record")):
+        with pytest.raises(DataError) as caught:
+            load_records(str(source))
+        assert str(caught.value) == f"{source}: {message}"
+
+
+def test_hidden_files_in_a_data_folder_are_skipped_and_said(tmp_path, caplog):
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "old.jsonl").write_text('{"instruction": "旧", "output": "旧"}\n', encoding="utf-8")
+    (tmp_path / ".backup.jsonl").write_text('{"instruction": "备", "output": "备"}\n', encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text('{"instruction": "问", "output": "答"}\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        records = load_records(str(tmp_path))
+    assert [r["instruction"] for r in records] == ["问"]
+    assert "skipping 2 hidden file(s)" in caplog.text

@@ -167,3 +167,22 @@ def test_demo_reuses_an_adapter_only_of_the_same_recipe_and_data(tmp_path, tiny_
     (adapter / "medlora.json").write_text(json.dumps(meta), encoding="utf-8")
     shutil.copy(tiny_records_file, data)
     assert not adapter_is_current(adapter, recipe)  # an adapter from before data hashes were recorded
+
+
+def test_yaml_aliases_are_refused_and_errors_stay_short(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nlora_r: [*b, *b, *b, *b, *b]\n"
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(str(write(tmp_path, bomb)))
+    assert "line 2: YAML aliases (*name) are not allowed in a recipe" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(str(write(tmp_path, "lora_target_modules: [" + "q_proj, " * 10000 + "]\n")))
+    assert "option 'lora_target_modules' must be str" in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_a_binary_or_folder_recipe_gets_one_line(tmp_path):
+    binary = tmp_path / "r.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_recipe(str(binary))
+    with pytest.raises(ConfigError, match="is a folder, not a recipe file"):
+        load_recipe(str(tmp_path))

@@ -152,6 +152,8 @@ BAD_REQUESTS = {
     "max_tokens zero": (_chat(max_tokens=0), 400),
     "n above one": (_chat(n=2), 400),
     "frequency_penalty out of range": (_chat(frequency_penalty=2.5), 400),
+    "temperature not a number": ('{"model": "tuned", "messages": [{"role": "user", "content": "hi"}], '
+                                 '"temperature": NaN}', 400),
     "wrong types": ({"model": "tuned", "messages": "hi"}, 400),
     "missing messages": ({"model": "tuned"}, 400),
     "unknown model": (_chat(model="gpt-4"), 404),
@@ -163,8 +165,11 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_requests_get_openai_errors_never_500(server, case):
     body, status = BAD_REQUESTS[case]
-    response = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
-    assert_openai_error(response, status)
+    raw = {"content": body, "headers": {**AUTH, "Content-Type": "application/json"}} if isinstance(body, str) else \
+        {"json": body, "headers": AUTH}
+    error = assert_openai_error(httpx.post(f"{server[0]}/v1/chat/completions", timeout=30, **raw), status)
+    if case == "temperature not a number":
+        assert "finite number" in error["message"] and "temperature" in error["message"], error
 
 
 def test_bad_bodies_get_openai_errors_and_the_server_stays_up(server, client):

@@ -125,8 +125,10 @@ class TrainArgs:
             raise ConfigError("--num_epochs must be above 0 (or give --max_steps)")
         if not 0 < self.learning_rate < float("inf"):
             raise ConfigError("--learning_rate must be above 0")
-        if not (self.warmup_steps >= 0 and self.weight_decay >= 0):
-            raise ConfigError("--warmup_steps and --weight_decay must be 0 or more")
+        if not (0 <= self.warmup_steps < float("inf") and 0 <= self.weight_decay < float("inf")):
+            raise ConfigError("--warmup_steps and --weight_decay must be 0 or more (and finite)")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("--seed must be from 0 to 4294967295")
         if not (self.loraplus_lr_ratio == 0 or 1 <= self.loraplus_lr_ratio < float("inf")):
             raise ConfigError("--loraplus_lr_ratio must be 0 (off) or at least 1")
         if self.loraplus_lr_ratio and (self.deepspeed or self.fsdp):

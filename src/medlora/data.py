@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import random
 import re
 import sys
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medlora.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 FIELDS = ("instruction", "input", "output")
@@ -53,13 +56,21 @@ def iter_records(source: str | Path, require_output: bool = True, columns: str |
     mapping = parse_columns(columns)
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = [p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if len(files) < len(found):
+            logger.warning("%s: skipping %d hidden file(s) (names or folders starting with '.'), e.g. %s", path,
+                           len(found) - len(files), next(p for p in found if p not in files).relative_to(path))
         if not files:
             raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in this folder")
         for file in files:
             yield from _iter_file(file, require_output, mapping)
     elif path.is_file():
         yield from _iter_file(path, require_output, mapping)
+    elif path.exists():
+        raise DataError(f"{source}: not a regular file or folder (a FIFO, device or socket cannot be read as data)")
+    elif path.is_symlink():
+        raise DataError(f"{source}: a symbolic link that leads nowhere (a loop, or its target is missing)")
     elif path.suffix.lower() in SUFFIXES or "/" in str(source) and not _looks_like_hub_name(str(source)):
         raise DataError(f"{source}: no such file or folder")
     else:
@@ -184,6 +195,18 @@ def _invalid_json(path: Path, exc: Exception, line: int | None = None) -> DataEr
     return DataError(f"{path}: line {line}: invalid JSON ({what.format(column=column)})")
 
 
+class _RepeatedKey(Exception):
+    """A JSON object with the same key twice (json.loads would keep the last one silently)."""
+
+
+def _no_repeated_keys(pairs: list[tuple]) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return record
+
+
 def _first_char(path: Path) -> str:
     with path.open("rb") as handle:
         head = handle.read(4096)
@@ -197,7 +220,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
             if not line:
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_no_repeated_keys)
+            except _RepeatedKey as exc:
+                raise DataError(f"{path}: line {lineno}: key {exc.args[0]!r} appears twice in one record") from None
             except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
                 raise _invalid_json(path, exc, lineno) from None
             yield f"line {lineno}", row
@@ -206,7 +231,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
 def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
     text = _decode(path.read_bytes(), path).lstrip("\ufeff")
     try:
-        rows = json.loads(text)
+        rows = json.loads(text, object_pairs_hook=_no_repeated_keys)
+    except _RepeatedKey as exc:
+        raise DataError(f"{path}: key {exc.args[0]!r} appears twice in one record") from None
     except (ValueError, RecursionError) as exc:
         raise _invalid_json(path, exc) from None
     if not isinstance(rows, list):

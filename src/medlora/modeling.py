@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medlora.errors import ModelError
+from medlora.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -317,8 +317,10 @@ def preflight_adapter(adapter_dir: str | Path, base_model: str, allow_pickle: bo
     return path
 
 
-def preflight_target_modules(base_model: str, target_modules, trust_remote_code: bool = False) -> None:
-    """check_target_modules on a weightless (meta-device) copy of the base, before data and weights are loaded."""
+def preflight_target_modules(base_model: str, target_modules, trust_remote_code: bool = False,
+                             lora_r: int | None = None) -> None:
+    """check_target_modules (and that `lora_r` fits them) on a weightless (meta-device) copy of the base, before
+    data and weights are loaded."""
     from transformers import AutoModelForCausalLM
 
     config = _base_config(base_model, trust_remote_code)
@@ -327,7 +329,21 @@ def preflight_target_modules(base_model: str, target_modules, trust_remote_code:
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # an architecture that cannot be built this way: attach_lora checks it after loading
         return
-    check_target_modules(skeleton, parse_target_modules(target_modules))
+    targets = parse_target_modules(target_modules)
+    check_target_modules(skeleton, targets)
+    if lora_r is not None:
+        check_lora_rank(skeleton, targets, lora_r)
+
+
+def check_lora_rank(model, targets, lora_r: int) -> None:
+    """A rank above every target layer's smaller dimension adds nothing but memory (--lora_r 100000000 asked for
+    25 GB): refuse it, naming the largest useful rank."""
+    head = model.get_output_embeddings()
+    layers = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+              and (targets == "all-linear" or n.rsplit(".", 1)[-1] in targets)]
+    largest = max((min(m.in_features, m.out_features) for m in layers), default=None)
+    if largest is not None and lora_r > largest:
+        raise ConfigError(f"--lora_r {lora_r} exceeds the size of the target layers: at most {largest} for this model")
 
 
 def _check_fingerprint(adapter_dir: str | Path, current: dict) -> None:

@@ -313,7 +313,8 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     set_seed(args.seed)
     knowledge = load_knowledge(data)
     check_cutoff_len(model_args.base_model, data.cutoff_len, model_args.trust_remote_code)
-    preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code)
+    preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code,
+                             lora.lora_r)
     gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
     check_sharding_options(args)
     check_gpus_per_process()

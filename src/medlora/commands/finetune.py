@@ -19,23 +19,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_dataclass_args(parser, cls, title)
 
 
+def _recipe_loader():
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        """safe_load without aliases: `*a` repeated through nested anchors grows a few bytes into gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a recipe")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
+
+
 def load_recipe(path: str) -> dict:
     """A recipe file's options, each checked against the known option names."""
     import yaml
 
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--config {path}: is a folder, not a recipe file")
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        values = yaml.load(file.read_text(encoding="utf-8"), Loader=_recipe_loader()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of option: value")
     known = known_option_names(*OPTION_CLASSES)
     for key in values:
         if key not in known:
-            raise ConfigError(f"{path}: unknown option {key!r} (known: see `medlora finetune --help`)")
+            raise ConfigError(f"{path}: unknown option {_excerpt(key)} (known: see `medlora finetune --help`)")
     kinds = {f.name: type(f.default) for cls in OPTION_CLASSES for f in fields(cls)}
     return {key: _as_option_type(path, key, value, kinds[key]) for key, value in values.items()}
 
@@ -45,13 +64,18 @@ def _as_option_type(path: str, key: str, value, kind: type):
     if value is None and kind is str:
         return ""
     if isinstance(value, (dict, list)) or value is None or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{path}: option {key!r} must be {kind.__name__}, got {_excerpt(value)}")
     try:
         if kind is bool:
             return str2bool(str(value))
         return kind(str(value)) if kind is int else kind(value)  # int("8.5") fails where int(8.5) truncates
     except (ValueError, TypeError, argparse.ArgumentTypeError):
-        raise ConfigError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"{path}: option {key!r} must be {kind.__name__}, got {_excerpt(value)}") from None
+
+
+def _excerpt(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def resolve_options(args: argparse.Namespace) -> dict:

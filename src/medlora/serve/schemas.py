@@ -44,12 +44,16 @@ class StreamOptions(_Lenient):
 class SamplingFields(_Lenient):
     model: Text = Field(description="a served model id (see GET /v1/models); `base` is the base model")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate (1 to the server's cap)")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy; above 0: sampling")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling threshold, with temperature > 0")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from a token's logit per "
-                                            "time the answer already holds it (the prompt is not counted)")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from the logit of every "
-                                           "token the answer already holds")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                      description="0 or absent: greedy; above 0: sampling")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                description="nucleus sampling threshold, with temperature > 0")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False,
+                                            description="subtracted from a token's logit per time the answer already "
+                                                        "holds it (the prompt is not counted)")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False,
+                                           description="subtracted from the logit of every token the answer already "
+                                                       "holds")
     stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
     n: int | None = Field(None, description="number of answers; only 1 is supported")
     stream: bool = Field(False, description="answer as server-sent events ending with `data: [DONE]`")
