@@ -111,9 +111,11 @@ def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     model, tokenizer = lora_on_tiny_qwen2()
     good = save_quick_adapter(model, tokenizer, root / "good", seed=1)
     made = {"good": good}
-    for name in ("no_config", "pickle_only", "truncated"):
+    for name in ("no_config", "pickle_only", "truncated", "list_config", "bad_json_config"):
         made[name] = Path(shutil.copytree(good, root / name))
     (made["no_config"] / "adapter_config.json").unlink()
+    (made["list_config"] / "adapter_config.json").write_text("[1, 2]")
+    (made["bad_json_config"] / "adapter_config.json").write_text('{"r": 8,}')
     weights = made["pickle_only"] / "adapter_model.safetensors"
     torch.save(load_file(weights), made["pickle_only"] / "adapter_model.bin")
     weights.unlink()
@@ -127,6 +129,9 @@ def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
                                       {"base_model": "tiny-qwen2-h32", "base_fingerprint": model_fingerprint(config)})
     made["foreign"] = Path(shutil.copytree(made["other_base"], root / "foreign"))  # no medlora.json: PEFT's own
     (made["foreign"] / "medlora.json").unlink()
+    config_file = made["foreign"] / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "base_model_name_or_path": "some-org/narrow-qwen2"}))
     return made
 
 
@@ -193,7 +198,9 @@ def cli_results(adapters, tiny_model, tmp_path_factory) -> dict[str, dict]:
         "cutoff_len": [*train, "--data_path", str(good_data), "--cutoff_len", "4096"],
         "target_module": [*train, "--data_path", str(good_data), "--lora_target_modules", "q_proj,qkv_proj"],
         **{f"infer:{name}": [*infer, "--lora_weights", str(adapters[name])]
-           for name in ("no_config", "pickle_only", "truncated", "other_base", "foreign")},
+           for name in ("no_config", "pickle_only", "truncated", "other_base", "foreign", "list_config",
+                        "bad_json_config")},
+        "merge:list_config": ["merge", *base, "--lora_weights", str(adapters["list_config"]), "--out", str(work / "m")],
         "infer:pickle_allowed": [*infer, "--lora_weights", str(adapters["pickle_only"]), "--allow_pickle"],
         "merge:truncated": ["merge", *base, "--lora_weights", str(adapters["truncated"]), "--out", str(work / "m")],
         "serve:no_config": ["serve", *base, "--lora_weights", f"x={adapters['no_config']}", "--port", str(free_port())],
@@ -282,6 +289,13 @@ def test_broken_adapters_are_refused_with_the_reason_before_loading_the_base(cli
                           truncated.rstrip("\n").replace("medlora infer", "medlora merge"))
     assert_one_line_error(cli_results["serve:no_config"], f"medlora serve: error: {adapters['no_config']}: missing "
                           f"adapter_config.json (not a finished LoRA adapter folder)")
+    config = adapters["list_config"] / "adapter_config.json"
+    for command in ("infer", "merge"):
+        assert_one_line_error(cli_results[f"{command}:list_config"], f"medlora {command}: error: {config}: must be a "
+                              f"JSON object (PEFT's LoRA settings), got list")
+    config = adapters["bad_json_config"] / "adapter_config.json"
+    assert_one_line_error(cli_results["infer:bad_json_config"], f"medlora infer: error: {config}: not valid JSON "
+                          f"(Expecting property name enclosed in double quotes)")
 
 
 def test_pickle_adapter_loads_when_allowed(cli_results):
@@ -298,6 +312,8 @@ def test_an_adapter_trained_on_another_base_is_refused_naming_both(cli_results, 
     # Without medlora.json only PEFT's load can tell: after the base is loaded, still one line and exit 2.
     foreign = cli_results["infer:foreign"]
     assert foreign["code"] == 2 and foreign["crash"] is None and "Traceback" not in foreign["stderr"]
+    assert (f"[medlora] {adapters['foreign']}: adapter_config.json names base model 'some-org/narrow-qwen2', not "
+            f"'tiny-qwen2' as given; check --base_model") in foreign["stderr"].splitlines()
     assert foreign["stderr"].splitlines()[-1] == (
         f"medlora infer: error: {adapters['foreign']}: this adapter does not fit the base model: size mismatch for "
         f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight: copying a param with shape "

@@ -257,6 +257,7 @@ def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Pa
         raise ModelError(f"--lora_weights {adapter_dir}: no such folder")
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"{path}: missing adapter_config.json (not a finished LoRA adapter folder)")
+    read_adapter_config(path)
     safetensors_file = path / "adapter_model.safetensors"
     if safetensors_file.is_file():
         _check_safetensors(safetensors_file)
@@ -269,6 +270,18 @@ def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Pa
     else:
         raise ModelError(f"{path}: no adapter_model.safetensors (or adapter_model.bin) in the folder")
     return path
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json as a dict, or one ModelError line naming the file."""
+    file = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{file}: not valid JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: must be a JSON object (PEFT's LoRA settings), got {type(config).__name__}")
+    return config
 
 
 def _check_safetensors(path: Path) -> None:
@@ -314,6 +327,12 @@ def preflight_adapter(adapter_dir: str | Path, base_model: str, allow_pickle: bo
     """The adapter checks that need no weights (folder, files, base config): run them before loading the base."""
     path = check_adapter_dir(adapter_dir, allow_pickle)
     _check_fingerprint(path, model_fingerprint(_base_config(base_model, trust_remote_code)))
+    named = read_adapter_config(path).get("base_model_name_or_path")
+    if not read_adapter_meta(path) and isinstance(named, str) and named and named != base_model \
+            and Path(named).resolve() != Path(resolve_model_path(base_model)).resolve():
+        # a foreign adapter (no medlora.json, so no fingerprint to check): its own record of its base differs
+        logger.warning("%s: adapter_config.json names base model %r, not %r as given; check --base_model", path,
+                       named, base_model)
     return path
 
 
