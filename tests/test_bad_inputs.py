@@ -425,3 +425,24 @@ def test_hidden_files_in_a_data_folder_are_skipped_and_said(tmp_path, caplog):
         records = load_records(str(tmp_path))
     assert [r["instruction"] for r in records] == ["问"]
     assert "skipping 2 hidden file(s)" in caplog.text
+
+
+def test_finetune_refuses_an_output_folder_that_holds_the_data_or_other_files(tmp_path, capsys):
+    from medlora.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"instruction": "问", "output": "答"}\n', encoding="utf-8")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine\n")
+    cases = [(data, f"--output_dir {data}: holds the training data (--data_path {data / 'train.jsonl'}); choose "
+                    f"another folder"),
+             (project, f"--output_dir {project}: a non-empty folder that is not a medlora output (it holds "
+                       f"'notes.txt'); choose an empty or new folder")]
+    for out, message in cases:
+        assert main(["finetune", "--base_model", "tiny-qwen2", "--data_path", str(data / "train.jsonl"),
+                     "--output_dir", str(out), "--max_steps", "1"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"medlora finetune: error: {message}"
+    assert sorted(p.name for p in data.iterdir()) == ["train.jsonl"]
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]

@@ -87,6 +87,29 @@ def check_gpus_per_process() -> None:
                           "(CUDA_VISIBLE_DEVICES=) to train on CPU")
 
 
+# What a finetune output folder may already hold (an earlier run's adapter, checkpoints, logs)
+OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "medlora.json", LOSS_LOG,
+                "README.md", "runs", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json",
+                "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def check_output_dir(output_dir: str, data: DataArgs) -> None:
+    """Refuse an output folder that holds other files (a data folder, a project: the adapter's files would land among
+    them and the next run would fail), or that is, or holds, the training data."""
+    out = Path(output_dir).resolve()
+    for flag, source in (("--data_path", data.data_path), ("--val_data_path", data.val_data_path)):
+        if source and Path(source).exists() and (Path(source).resolve() == out or out in Path(source).resolve().parents):
+            raise ConfigError(f"--output_dir {output_dir}: holds the training data ({flag} {source}); "
+                              f"choose another folder")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES
+                        and not p.name.startswith(("checkpoint-", ".adapter-", ".")))
+        if others:
+            raise ConfigError(f"--output_dir {output_dir}: a non-empty folder that is not a medlora output (it holds "
+                              f"{others[0]!r}{f' and {len(others) - 1} more' if len(others) > 1 else ''}); choose "
+                              f"an empty or new folder")
+
+
 def check_cutoff_len(base_model: str, cutoff_len: int, trust_remote_code: bool = False) -> None:
     """Fail before loading weights when examples could exceed the model's context."""
     from transformers import AutoConfig
@@ -311,6 +334,7 @@ def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bo
 def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, echo=print) -> TrainResult:
     """Train a LoRA adapter and save it in `args.output_dir`."""
     set_seed(args.seed)
+    check_output_dir(args.output_dir, data)
     knowledge = load_knowledge(data)
     check_cutoff_len(model_args.base_model, data.cutoff_len, model_args.trust_remote_code)
     preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code,
