@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_medlora
 from medlora.errors import ConfigError
@@ -136,7 +137,7 @@ def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
-    (folder / "adapter_model.safetensors").write_bytes(b"x" * 64)
+    save_file({"lora_A": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
     if complete:
         write_manifest(folder, COMPLETE_MARKER, step=step)
     return folder
@@ -171,3 +172,18 @@ def test_a_changed_file_breaks_the_marker(tmp_path):
     assert is_complete_checkpoint(folder)
     (folder / "adapter_model.safetensors").write_bytes(b"x" * 10)
     assert not is_complete_checkpoint(folder)
+
+
+def test_a_damaged_checkpoint_of_the_right_size_is_skipped_by_auto_and_named_when_asked_for(tmp_path):
+    older = fake_checkpoint(tmp_path, 4)
+    newest = fake_checkpoint(tmp_path, 8)
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # same size: the marker still vouches for it
+    write_manifest(newest, COMPLETE_MARKER, step=8)
+    messages = []
+    assert find_resume_checkpoint(str(tmp_path), "auto", messages.append) == str(older)
+    assert any(m.startswith(f"[medlora] warning: skipping damaged checkpoint {newest}: {weights}: not a readable "
+                            f"safetensors file") for m in messages), messages
+    with pytest.raises(ConfigError) as caught:
+        find_resume_checkpoint(str(tmp_path), str(newest))
+    assert str(caught.value).startswith(f"--resume_from_checkpoint {newest}: {weights}: not a readable safetensors")

@@ -260,7 +260,7 @@ def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Pa
     read_adapter_config(path)
     safetensors_file = path / "adapter_model.safetensors"
     if safetensors_file.is_file():
-        _check_safetensors(safetensors_file)
+        check_safetensors(safetensors_file)
     elif (path / "adapter_model.bin").is_file():
         if not allow_pickle:
             raise ModelError(
@@ -284,7 +284,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
     try:

@@ -101,15 +101,36 @@ def find_resume_checkpoint(output_dir: str, spec: str, echo=print) -> str | None
     if spec != "auto":
         if not Path(spec).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
+        damage = unreadable_weights(Path(spec))
+        if damage:
+            raise ConfigError(f"--resume_from_checkpoint {spec}: {damage}")
         return spec
     candidates = sorted((p for p in Path(output_dir).glob("checkpoint-*") if checkpoint_step(p) >= 0),
                         key=checkpoint_step, reverse=True)
     for path in candidates:
-        if is_complete_checkpoint(path):
-            echo(f"[medlora] resuming from {path}")
-            return str(path)
-        echo(f"[medlora] warning: skipping incomplete checkpoint {path} (interrupted while saving)")
+        if not is_complete_checkpoint(path):
+            echo(f"[medlora] warning: skipping incomplete checkpoint {path} (interrupted while saving)")
+            continue
+        damage = unreadable_weights(path)
+        if damage:
+            echo(f"[medlora] warning: skipping damaged checkpoint {path}: {damage}")
+            continue
+        echo(f"[medlora] resuming from {path}")
+        return str(path)
     echo(f"[medlora] no complete checkpoint in {output_dir}: starting from scratch")
+    return None
+
+
+def unreadable_weights(checkpoint: Path) -> str | None:
+    """Why a checkpoint's safetensors files cannot be read (a corrupt header, cut short), or None when they can."""
+    from medlora.errors import ModelError
+    from medlora.modeling import check_safetensors
+
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            check_safetensors(file)
+        except ModelError as exc:
+            return str(exc)
     return None
 
 
