@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create/refresh .venv themselves.
 PY ?= python3
+TORCH_INDEX_URL ?=  # empty: pip's configured index (a CPU wheel on the development machine)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,8 +13,9 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU torch wheel first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# The torch wheel first and pinned: an unpinned torch would pull a multi-GB CUDA build. Where pip's index serves
+	# CUDA builds of 2.13.0, choose the CPU one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,web,cmekg]'
 	touch $(STAMP)
 
