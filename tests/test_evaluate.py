@@ -224,3 +224,17 @@ def test_results_without_golden_answers_are_refused_naming_the_field(tmp_path, r
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"medlora eval: error: {path}, line 2: {message}")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_base_models_answers_are_reused_by_a_run_that_asks_the_same(tiny_model, tiny_records_file, tmp_path):
+    args = ["eval", "--base_model", tiny_model, "--data", str(tiny_records_file), "--max_new_tokens", "3",
+            "--dtype", "fp32", "--show", "0", "--batch_size", "3"]
+    first = run_medlora(*args, "--out", str(tmp_path / "a"))
+    second = run_medlora(*args, "--out", str(tmp_path / "b"))
+    assert "answers are those of an earlier run" not in first.stderr
+    assert "base's answers are those of an earlier run with the same model, data and settings" in second.stderr
+    results = [(tmp_path / run / "base" / "results.jsonl").read_text() for run in ("a", "b")]
+    assert results[0] == results[1]
+    for changed in (["--max_new_tokens", "4"], ["--answer_cache", "false"]):  # other settings, or asked not to
+        again = run_medlora(*[*args, *changed], "--out", str(tmp_path / "c"))
+        assert "answers are those of an earlier run" not in again.stderr

@@ -262,3 +262,29 @@ def test_loraplus_gives_the_b_matrices_the_ratio_times_the_rate_and_trains_them(
     before = {n: p.detach().clone() for n, p in trained.items()}
     trainer.train()
     assert all(not torch.equal(before[n], p) for n, p in trained.items() if "lora_B" in n)
+
+
+def test_validation_loss_is_the_token_mean_whatever_the_batching(tiny_model, monkeypatch):
+    """The fast validation loss (sorted, large batches, no autograd) equals the plain per-example model loss
+    averaged over all supervised tokens; the batch budget does not change it."""
+    from datasets import Dataset
+
+    import medlora.train
+    from medlora.train import validation_loss
+
+    model, _ = lora_batch(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    examples, _ = tokenize_records(TINY_RECORDS * 3, load_template("med_template"), tokenizer)
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)
+    total = count = 0
+    with torch.no_grad():
+        for example in examples:  # one at a time: no padding at all
+            batch = {k: torch.tensor([v], device=model.device) for k, v in example.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(model(**batch).loss) * n, count + n
+    dataset = Dataset.from_list(examples)
+    fast = validation_loss(model, dataset, collator)
+    assert abs(fast - total / count) <= 1e-5 * total / count
+    monkeypatch.setattr(medlora.train, "EVAL_BATCH_TOKENS", 16)  # one example a batch
+    assert abs(validation_loss(model, dataset, collator) - fast) <= 1e-6 * fast
+    assert model.training  # left as it was found

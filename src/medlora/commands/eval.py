@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="also compute each model's loss and perplexity on the golden answers")
     io.add_argument("--train_dir", default=None,
                     help="a finetune output folder: its loss_log.jsonl is plotted into the report")
+    io.add_argument("--answer_cache", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
+                    help="reuse the base model's answers from an earlier run with the same model, data and settings "
+                         "(kept in $MEDLORA_HOME/answers; default: true)")
     io.add_argument("--show", type=int, default=5, help="records printed per model, seed-style (default: 5)")
     add_generation_arguments(parser)
     parser.set_defaults(max_new_tokens=128)
@@ -104,6 +107,30 @@ def read_results(path: str, limit: int) -> list[dict]:
     return rows[:limit] if limit > 0 else rows
 
 
+def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batch_size: int) -> Path:
+    """Where the base model's answers are kept for a later run that asks the same: the same base (name, config and
+    weight files), dtype, template, knowledge content, records, generation settings, batch size and library
+    versions (greedy answers on the same machine are then the same). In $MEDLORA_HOME/answers."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    from medlora import __version__
+    from medlora.modeling import resolve_model_path
+    from medlora.registry import medlora_home
+
+    folder = Path(resolve_model_path(margs.base_model))
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
+        if folder.is_dir() else []
+    key = json.dumps({"base_model": margs.base_model, "weights": weights, "model_args": vars(margs),
+                      "template": template.to_dict(), "knowledge": knowledge.sha256 if knowledge else None,
+                      "records": records, "generation": gen.to_generate_kwargs(), "batch_size": batch_size,
+                      "versions": [__version__, torch.__version__, transformers.__version__]},
+                     ensure_ascii=False, sort_keys=True, default=str)
+    return medlora_home() / "answers" / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.jsonl"
+
+
 def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tuple[dict, dict]:
     """Answer `records` with the base model, then with each adapter merged into a fresh copy of the base (merged
     weights generate faster than an adapter on the side; the base loads in seconds).
@@ -114,6 +141,7 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     from medlora.commands.infer import answer_records
     from medlora.evaluate import perplexity
     from medlora.generate import Generator, knowledge_for, template_for
+    from medlora.io import atomic_write_jsonl
     from medlora.modeling import preflight_adapter
 
     margs, gen = model_args(args), generation_args(args)
@@ -136,11 +164,20 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
         alike = [adapter] if adapter else [p for p in adapter_dirs
                                            if with_knowledge[p] == (knowledge[label] is not None)]
         template = template_for(args.prompt_template, *alike, margs.base_model, knowledge=knowledge[label] is not None)
+        cache = None if adapter or args.perplexity or not args.answer_cache else \
+            answer_cache_file(margs, template, knowledge[label], records, gen, args.batch_size)
+        if cache is not None and cache.is_file():
+            log.info("eval: %s's answers are those of an earlier run with the same model, data and settings (%s)",
+                     label, cache)
+            rows_by_label[label] = read_results(str(cache), 0)
+            continue
         loaded = Generator.load(margs.base_model, adapter or None, None, margs.dtype, margs.load_8bit,
                                 margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=True,
                                 knowledge="none")
         generator = Generator(loaded.model, loaded.tokenizer, template, knowledge[label])
         rows_by_label[label] = answer_records(generator, records, gen, args.batch_size)
+        if cache is not None:
+            atomic_write_jsonl(cache, rows_by_label[label])
         if args.perplexity:  # the golden answers after the same prompts, facts included
             scored = [{**r, "knowledge": f.text()} if f is not None else r
                       for r, f in ((r, generator.lookup(r["instruction"], r["input"])) for r in records)]
