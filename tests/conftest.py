@@ -87,6 +87,36 @@ def tiny_adapter(tiny_model, tiny_records_file, tmp_path_factory) -> Path:
     return out
 
 
+# A made-up knowledge base (our own names and items), so that nothing here can come from a model's pretraining.
+FICTIONAL = [
+    {"name": "青岚热", "aliases": ["岚热"], "department": "感染科", "drugs": ["甲泊韦"], "symptoms": ["发热", "斑疹"]},
+    {"name": "石垣病", "department": "骨科", "drugs": ["乙洛芬"], "symptoms": ["关节僵硬"]},
+    {"name": "雾川综合征", "department": "呼吸内科", "drugs": ["丙索特"], "symptoms": ["咳嗽"]},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def knowledge_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("knowledge") / "fictional.jsonl", FICTIONAL)
+
+
+@pytest.fixture(scope="session")
+def knowledge_adapter(tiny_model, knowledge_file, tmp_path_factory) -> Path:
+    """A tiny adapter trained with --knowledge on the fictional knowledge file."""
+    folder = tmp_path_factory.mktemp("kadapter")
+    data = write_jsonl(folder / "train.jsonl", [
+        {"instruction": f"{d['name']}用什么药？", "input": "", "output": f"{d['drugs'][0]}。"} for d in FICTIONAL])
+    out = folder / "adapter"
+    run_medlora("finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(out),
+                "--knowledge", str(knowledge_file), "--knowledge_noise", "0", "--max_steps", "2", *LEARN_FLAGS)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

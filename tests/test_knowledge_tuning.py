@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LEARN_FLAGS, run_medlora
+from conftest import FICTIONAL, LEARN_FLAGS, run_medlora, write_jsonl
 from medlora.errors import TemplateError
 from medlora.evaluate import is_honest, score_results
 from medlora.knowledge import KnowledgeIndex, Retrieved, knowledge_for_training
 from medlora.templates import KNOWLEDGE_HEADER, NO_KNOWLEDGE, load_template
-
-# A made-up knowledge base (our own names and items), so that nothing here can come from a model's pretraining.
-FICTIONAL = [
-    {"name": "青岚热", "aliases": ["岚热"], "department": "感染科", "drugs": ["甲泊韦"], "symptoms": ["发热", "斑疹"]},
-    {"name": "石垣病", "department": "骨科", "drugs": ["乙洛芬"], "symptoms": ["关节僵硬"]},
-    {"name": "雾川综合征", "department": "呼吸内科", "drugs": ["丙索特"], "symptoms": ["咳嗽"]},
-]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
 
 # --- the template slot ---------------------------------------------------------------------------------------
 
@@ -110,23 +97,6 @@ def test_the_honest_rate_counts_out_of_kb_records_only():
 
 
 # --- the pipeline on tiny-qwen2 ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def knowledge_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("knowledge") / "fictional.jsonl", FICTIONAL)
-
-
-@pytest.fixture(scope="module")
-def knowledge_adapter(tiny_model, knowledge_file, tmp_path_factory) -> Path:
-    """A tiny adapter trained with --knowledge on the fictional knowledge file."""
-    folder = tmp_path_factory.mktemp("kadapter")
-    data = write_jsonl(folder / "train.jsonl", [
-        {"instruction": f"{d['name']}用什么药？", "input": "", "output": f"{d['drugs'][0]}。"} for d in FICTIONAL])
-    out = folder / "adapter"
-    run_medlora("finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(out),
-                "--knowledge", str(knowledge_file), "--knowledge_noise", "0", "--max_steps", "2", *LEARN_FLAGS)
-    return out
-
 
 def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowledge_adapter, knowledge_file, tmp_path):
     meta = json.loads((knowledge_adapter / "medlora.json").read_text(encoding="utf-8"))

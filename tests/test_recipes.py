@@ -186,3 +186,49 @@ def test_a_binary_or_folder_recipe_gets_one_line(tmp_path):
         load_recipe(str(binary))
     with pytest.raises(ConfigError, match="is a folder, not a recipe file"):
         load_recipe(str(tmp_path))
+
+
+# Recipe-like YAML: known and unknown keys, values of every YAML kind, anchors and aliases, and stray text.
+_KEYS = ["lora_r", "learning_rate", "num_epochs", "output_dir", "prompt_template", "knowledge", "cutoff_len",
+         "fast_loss", "warmup_steps", "seed", "bogus", "<<"]
+_VALUES = ["8", "-1", "1e400", ".nan", "-.inf", "true", "null", "~", "[1, 2]", "{a: 1}", "&a [x]", "*a", "'x'",
+           "\"\\ud800\"", "!!binary aGk=", "!!python/object:os.system x", "3e-4", "runs/x", "/proc/x", "''"]
+
+
+def _recipe_text():
+    from hypothesis import strategies as st
+
+    line = st.builds(lambda k, v: f"{k}: {v}", st.sampled_from(_KEYS), st.sampled_from(_VALUES))
+    structured = st.lists(line, max_size=12).map("\n".join)
+    return st.one_of(structured, st.text(max_size=400), st.binary(max_size=400).map(lambda b: b.decode("latin-1")))
+
+
+def test_any_small_recipe_parses_or_gives_one_short_line(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_recipe_text())
+    def check(text):
+        path = tmp_path / "r.yaml"
+        path.write_bytes(text.encode("utf-8", errors="replace")[:4096])
+        try:
+            build_options(load_recipe(str(path)))
+        except ConfigError as exc:
+            message = str(exc)
+            assert "\n" not in message and len(message) <= 300, message
+    check()
+
+
+def test_one_name_equals_path_parser_for_adapter_and_results_lists(tmp_path):
+    from medlora.commands._common import named_paths
+
+    odd = tmp_path / "a=b"  # a folder whose name holds '=' is a path, not NAME=PATH
+    odd.mkdir()
+    assert named_paths(["runs/x/", "med=runs/y", str(odd)], "--lora_weights") == [
+        ("x", "runs/x/"), ("med", "runs/y"), ("a=b", str(odd))]
+    assert named_paths(["ev/base/results.jsonl"], "--results", default_name=lambda p: Path(p).parent.name) == [
+        ("base", "ev/base/results.jsonl")]
+    with pytest.raises(ConfigError, match="the name 'x' is given twice"):
+        named_paths(["runs/x", "x=other"], "--lora_weights")
+    with pytest.raises(ConfigError, match="expected NAME=PATH or PATH"):
+        named_paths(["med="], "--lora_weights")

@@ -58,7 +58,8 @@ def test_chat_template_uses_tokenizer(tiny_model):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("not json", "not a valid JSON template"),
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "a prompt template.*got list"),
     ('{"prompt_input": "{instruction}", "prompt_no_input": "{instruction}"}', "'response_split' must be a string"),
     ('{"prompt_input": "x", "prompt_no_input": "y", "response_split": "z"}', "must contain {instruction}"),
 ])

@@ -1,9 +1,10 @@
 """`make demo`: the main job on the built-in defaults, offline, one command, no questions asked.
 
-Prepares Gemma-3-270m, fine-tunes a LoRA adapter on the built-in medqa training split (recipe
-`recipes/gemma3-270m-demo.yaml`, sized for a 2-core CPU), then evaluates the base model and the adapter on the
-test split (runs/demo/eval) and on the independent exam (runs/demo/exam, the headline: fact-level scores, leaks,
-safety): seed-style answer blocks, the metrics tables and a report for each.
+Prepares Gemma-3-270m, knowledge-tunes a LoRA adapter on the built-in medqa training split (recipe
+`recipes/gemma3-270m-demo.yaml`, sized for a 2-core CPU: facts from the knowledge base in every prompt), then
+evaluates the base model and the adapter on the test split (runs/demo/eval) and on the independent exam
+(runs/demo/exam, the headline: fact-level scores, leaks, safety, honest answers), where the base model also answers
+prompted with the same facts (base+knowledge): seed-style answer blocks, the metrics tables and a report for each.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def adapter_is_current(adapter: Path, recipe: Path) -> bool:
 def run(retrain: bool = False, limit: int | None = None) -> int:
     print(DISCLAIMER, flush=True)
     if retrain or not adapter_is_current(ADAPTER, RECIPE):
-        print(f"[medlora] fine-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (about 15 minutes on 2 CPU cores, "
-              f"then about 25 minutes of evaluation)", flush=True)
+        print(f"[medlora] knowledge-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (about 15 minutes on 2 CPU "
+              f"cores, then about 25 minutes of evaluation)", flush=True)
         code = medlora(["finetune", "--config", str(RECIPE)])
         if code:
             return code
@@ -64,6 +65,8 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
         print(f"[medlora] evaluating base and tuned on {data.relative_to(REPO)}", flush=True)
         args = ["eval", "--base_model", "gemma3-270m", "--lora_weights", f"tuned={ADAPTER}", "--data", str(data),
                 "--out", str(out), "--train_dir", str(ADAPTER), "--batch_size", "16", "--show", "5", *DECODING]
+        if data == EXAM:  # knowledge without training, beside knowledge-tuning
+            args += ["--base_knowledge", "kb"]
         code = medlora(args + (["--limit", str(limit)] if limit else []))
         if code:
             return code

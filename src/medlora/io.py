@@ -69,6 +69,17 @@ def check_output_folder(flag: str, path: str | Path) -> None:
         raise ConfigError(f"{flag} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
+def read_json_object(path: str | Path, error: type = ConfigError, what: str = "a JSON object") -> dict:
+    """A JSON file that must hold an object, or one `error` line naming the file (invalid JSON, another type)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must be {what}, got {type(data).__name__}")
+    return data
+
+
 def atomic_write_text(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -40,6 +40,11 @@ DEFAULT_KEYS = ("department", "symptoms", "drugs")  # retrieved when a question 
 EXTRA_KEYS = {"aliases": "别称", "icd10_chapter": "ICD-10章节"}
 _ASKS_EXTRA = {"aliases": ASKS_FOR_NAME.pattern + "|叫法", "icd10_chapter": r"ICD|哪一章|哪章|属于哪"}
 _ASKS_ALL = r"介绍|讲讲|怎么回事|是什么病"  # a question about the whole entry
+# A question that asks which disease (or what a drug is for, where symptoms point): only such a question is answered
+# from the diseases whose items it names; one about a disease the knowledge lacks (三叉神经痛用什么药) is not.
+_ASKS_DISEASE = (r"哪[种类些一个]*(?:疾病|病)|什么(?:疾病|病)|治什么|用于什么|有什么用|用途|适应[证症]|针对什么|"
+                 r"提示什么|考虑什么|可能是什么|是什么原因|诊断是什么|怎么回事|是什么情况|症状.{0,3}怎么办|"
+                 r"哪个科|什么科|哪些科|哪一科|挂.{0,4}科|就诊")
 LABELS = {**ATTRIBUTES, **EXTRA_KEYS}
 
 # What a question says when it asks for one attribute. Checked in this order; "drugs" hides "treatments"
@@ -168,17 +173,17 @@ class KnowledgeIndex:
         kept = [f for f in found if not any(f != g and f in g for g in found)]
         return {self._vocab[attribute][f] for f in kept}
 
-
     def retrieve(self, question: str, max_diseases: int = 2) -> "Retrieved":
-        """The facts a question needs. Diseases: those it names (exactly, else with one character changed), else
-        those whose entries hold the most of the items it names (a drug, symptoms: 吡格列酮治什么病). For each:
+        """The facts a question needs. Diseases: those it names (exactly, else with one character changed), else, for
+        a question that asks which disease (or department, or what a drug is for), those whose entries hold the
+        most of the items it names (a drug, symptoms: 吡格列酮治什么病). For each:
         the department, and the attributes it asks for (up to three; every attribute for 介绍/怎么回事; the
         department, symptoms and drugs when it asks for none in particular); aliases and ICD chapter when asked.
         Lists are cut at MAX_ITEMS items."""
         diseases = self.link(question, fuzzy=True)[:max_diseases]
         asked = self.asked_attributes(question)
         matched: dict[str, list[str]] = {}
-        if not diseases:
+        if not diseases and re.search(_ASKS_DISEASE, question):
             matched = self._owners_of_items(question, max_diseases)
             diseases = list(matched)
         if re.search(_ASKS_ALL, question):

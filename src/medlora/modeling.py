@@ -274,14 +274,10 @@ def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Pa
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """adapter_config.json as a dict, or one ModelError line naming the file."""
-    file = Path(adapter_dir) / "adapter_config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{file}: not valid JSON ({getattr(exc, 'msg', None) or type(exc).__name__})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: must be a JSON object (PEFT's LoRA settings), got {type(config).__name__}")
-    return config
+    from medlora.io import read_json_object
+
+    return read_json_object(Path(adapter_dir) / "adapter_config.json", ModelError,
+                            "a JSON object (PEFT's LoRA settings)")
 
 
 def check_safetensors(path: Path) -> None:

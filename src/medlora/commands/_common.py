@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from pathlib import Path
 
 from medlora.config import GenerationArgs, ModelArgs, add_dataclass_args, build_dataclass, str2bool
 from medlora.errors import ConfigError
@@ -16,14 +17,34 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "one") 
         group.add_argument("--lora_weights", default=None, help="LoRA adapter folder (written by finetune)")
         group.add_argument("--use_lora", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
                            help="use the adapter given by --lora_weights (default: when --lora_weights is given)")
-    group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
-                       help="template name or JSON file (default: the adapter's, else med_template)")
-    add_knowledge_argument(group)
+    add_template_and_knowledge_arguments(group)
     group.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                        help="merge the adapter into the base weights for faster inference (default: true)")
 
 
-def add_knowledge_argument(group) -> None:
+def named_paths(specs: list[str], flag: str, default_name=lambda path: Path(path.rstrip("/")).name
+                ) -> list[tuple[str, str]]:
+    """`NAME=PATH` specs (a plain PATH is named by `default_name`, a path whose whole text exists keeps its `=`) as
+    (name, path) pairs; an empty name or path, or a name given twice, is refused. The one parser of `--lora_weights`
+    and `--results` lists."""
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not (sep and name and "/" not in name and not Path(spec).exists()):
+            name, path = default_name(spec), spec
+        if not name or not path:
+            raise ConfigError(f"{flag} {spec!r}: expected NAME=PATH or PATH")
+        if name in (other for other, _ in pairs):
+            raise ConfigError(f"{flag}: the name {name!r} is given twice; name them with NAME=PATH")
+        pairs.append((name, path))
+    return pairs
+
+
+def add_template_and_knowledge_arguments(group) -> None:
+    """--prompt_template and --knowledge, as every command that runs a model declares them."""
+    group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
+                       help="template name or JSON file (default: the adapter's, else med_template, or "
+                            "med_knowledge with knowledge)")
     group.add_argument("--knowledge", default=None, metavar="SOURCE",
                        help="put facts retrieved from a knowledge base into the prompt: kb, cmekg, both, a JSONL/YAML "
                             "file, or none (default: the source the adapter was trained with, else none)")

@@ -8,7 +8,8 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import add_generation_arguments, add_knowledge_argument, generation_args, model_args
+from medlora.commands._common import (add_generation_arguments, add_template_and_knowledge_arguments,
+                                      generation_args, model_args, named_paths)
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
 from medlora.errors import ConfigError
 from medlora.io import check_output_folder
@@ -29,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--results", nargs="+", default=[], metavar="[NAME=]FILE",
                         help="score existing results.jsonl files instead of generating; labelled by their parent "
                              "folder name unless NAME= is given")
-    models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
-                        help="template name or JSON file (default: the adapter's, else med_template)")
-    add_knowledge_argument(models)
+    add_template_and_knowledge_arguments(models)
     models.add_argument("--base_knowledge", default=None, metavar="SOURCE",
                         help=f"also evaluate the base model prompted with facts from SOURCE (kb, cmekg, both, a file), "
                              f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
@@ -54,18 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(max_new_tokens=128)
 
 
-def labelled(spec: str, default_label: str) -> tuple[str, str]:
-    """`NAME=PATH` → (NAME, PATH); a plain PATH → (default_label, PATH)."""
-    name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name and not Path(spec).exists():
-        return name, path
-    return default_label, spec
-
-
 def model_specs(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(adapters, results files) as (label, path) pairs; labels are checked to be distinct folder names."""
-    adapters = [labelled(s, Path(s.rstrip("/")).name) for s in args.lora_weights]
-    results = [labelled(s, Path(s).resolve().parent.name) for s in args.results]
+    adapters = named_paths(args.lora_weights, "--lora_weights")
+    results = named_paths(args.results, "--results", default_name=lambda path: Path(path).resolve().parent.name)
     generating = bool(adapters) or "base_model" in vars(args) or not results or bool(args.base_knowledge)
     bases = [(BASE_LABEL, "")] + ([(BASE_KNOWLEDGE_LABEL, "")] if args.base_knowledge else [])
     labels = ([label for label, _ in bases] if generating else []) + [label for label, _ in adapters + results]
@@ -160,7 +151,6 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     with_knowledge = {adapter: knowledge[label] is not None for label, adapter in models if adapter}
     rows_by_label, extra = {}, {}
     for label, adapter in models:
-        log.info("eval: answering %d records with %s", len(records), label)
         alike = [adapter] if adapter else [p for p in adapter_dirs
                                            if with_knowledge[p] == (knowledge[label] is not None)]
         template = template_for(args.prompt_template, *alike, margs.base_model, knowledge=knowledge[label] is not None)
@@ -171,6 +161,7 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
                      label, cache)
             rows_by_label[label] = read_results(str(cache), 0)
             continue
+        log.info("eval: answering %d records with %s", len(records), label)
         loaded = Generator.load(margs.base_model, adapter or None, None, margs.dtype, margs.load_8bit,
                                 margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=True,
                                 knowledge="none")

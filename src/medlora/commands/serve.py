@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
-from medlora.commands._common import (add_knowledge_argument, add_server_arguments, check_bindable, model_args,
-                                      positive_int)
+from medlora.commands._common import (add_server_arguments, add_template_and_knowledge_arguments, check_bindable,
+                                      model_args, named_paths, positive_int)
 from medlora.config import ModelArgs, add_dataclass_args
 from medlora.errors import ConfigError
 from medlora.serve import LOOPBACK
@@ -21,9 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("adapters and template")
     models.add_argument("--lora_weights", action="append", default=[], metavar="NAME=DIR",
                         help="an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
-    models.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
-                        help="template name or JSON file for every model (default: each adapter's, else med_template)")
-    add_knowledge_argument(models)
+    add_template_and_knowledge_arguments(models)
     server = add_server_arguments(parser, "server", 8000, "this machine only")
     server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MEDLORA_API_KEY; unset: no key)")
@@ -39,21 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bounds.add_argument("--max_queue", type=positive_int, default=256, help="requests waiting before 503 (default: 256)")
 
 
-def parse_adapters(specs: list[str]) -> dict[str, str]:
-    """`name=DIR` (or a bare DIR, named after its folder) → {name: DIR}; names must be unique."""
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec.rstrip("/")).name, spec
-        if not name or not path:
-            raise ConfigError(f"--lora_weights {spec!r}: expected NAME=DIR")
-        if name in adapters:
-            raise ConfigError(f"--lora_weights: the name {name!r} is given twice")
-        adapters[name] = path
-    return adapters
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -66,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                           "or leave both unset to serve without one")
     check_bindable(args.host, args.port)
     margs = model_args(args)
-    engine = Engine.load(margs.base_model, parse_adapters(args.lora_weights), args.prompt_template, margs.dtype,
+    engine = Engine.load(margs.base_model, dict(named_paths(args.lora_weights, "--lora_weights")), args.prompt_template, margs.dtype,
                          margs.load_8bit, margs.load_4bit, margs.trust_remote_code, margs.allow_pickle,
                          knowledge=args.knowledge, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)

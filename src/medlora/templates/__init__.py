@@ -10,13 +10,13 @@ them before the instruction, under KNOWLEDGE_HEADER.
 
 from __future__ import annotations
 
-import json
 import logging
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlora.errors import TemplateError
+from medlora.io import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -162,12 +162,7 @@ def load_template(name_or_path: str | dict) -> Template:
             f"unknown template {name_or_path!r}: not a built-in ({', '.join(BUILTIN_TEMPLATES)}, "
             f"alias chinese_med) and no such file"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TemplateError(f"{path}: not a valid JSON template: {exc}") from None
-    if not isinstance(data, dict):
-        raise TemplateError(f"{path}: a template must be a JSON object")
+    data = read_json_object(path, TemplateError, "a JSON object (a prompt template)")
     for key in REQUIRED_KEYS:
         if not isinstance(data.get(key), str):
             raise TemplateError(f"{path}: field {key!r} must be a string")
