@@ -112,8 +112,10 @@ def knowledge_adapter(tiny_model, knowledge_file, tmp_path_factory) -> Path:
     data = write_jsonl(folder / "train.jsonl", [
         {"instruction": f"{d['name']}用什么药？", "input": "", "output": f"{d['drugs'][0]}。"} for d in FICTIONAL])
     out = folder / "adapter"
-    run_medlora("finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(out),
-                "--knowledge", str(knowledge_file), "--knowledge_noise", "0", "--max_steps", "2", *LEARN_FLAGS)
+    from medlora.cli import main
+
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(out),
+                 "--knowledge", str(knowledge_file), "--knowledge_noise", "0", "--max_steps", "2", *LEARN_FLAGS]) == 0
     return out
 
 

@@ -215,26 +215,32 @@ def test_eval_refuses_duplicate_labels(tmp_path):
     ({"instruction": "问", "golden": None, "output": "答"}, "field 'golden' must be a string, got NoneType"),
     ([1, 2], "a result must be a JSON object"),
 ])
-def test_results_without_golden_answers_are_refused_naming_the_field(tmp_path, row, message):
+def test_results_without_golden_answers_are_refused_naming_the_field(tmp_path, capsys, row, message):
     path = tmp_path / "m" / "results.jsonl"
     path.parent.mkdir()
     path.write_text(json.dumps({"instruction": "问", "golden": "答", "output": "答"}) + "\n" + json.dumps(row) + "\n",
                     encoding="utf-8")
-    proc = run_medlora("eval", "--results", str(path), "--out", str(tmp_path / "out"), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"medlora eval: error: {path}, line 2: {message}")
+    from medlora.cli import main
+
+    assert main(["eval", "--results", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"medlora eval: error: {path}, line 2: {message}")
     assert not (tmp_path / "out").exists()
 
 
-def test_the_base_models_answers_are_reused_by_a_run_that_asks_the_same(tiny_model, tiny_records_file, tmp_path):
+def test_the_base_models_answers_are_reused_by_a_run_that_asks_the_same(tiny_model, tiny_records_file, tmp_path,
+                                                                         caplog):
+    from medlora.cli import main
+
     args = ["eval", "--base_model", tiny_model, "--data", str(tiny_records_file), "--max_new_tokens", "3",
             "--dtype", "fp32", "--show", "0", "--batch_size", "3"]
-    first = run_medlora(*args, "--out", str(tmp_path / "a"))
-    second = run_medlora(*args, "--out", str(tmp_path / "b"))
-    assert "answers are those of an earlier run" not in first.stderr
-    assert "base's answers are those of an earlier run with the same model, data and settings" in second.stderr
-    results = [(tmp_path / run / "base" / "results.jsonl").read_text() for run in ("a", "b")]
-    assert results[0] == results[1]
-    for changed in (["--max_new_tokens", "4"], ["--answer_cache", "false"]):  # other settings, or asked not to
-        again = run_medlora(*[*args, *changed], "--out", str(tmp_path / "c"))
-        assert "answers are those of an earlier run" not in again.stderr
+    reused = "base's answers are those of an earlier run with the same model, data and settings"
+    with caplog.at_level("INFO", logger="medlora"):
+        for run, extra in (("a", []), ("b", []), ("c", ["--answer_cache", "false"])):  # c: asked not to
+            caplog.clear()
+            assert main([*args, *extra, "--out", str(tmp_path / run)]) == 0
+            assert (reused in caplog.text) is (run == "b"), (run, caplog.text)
+    results = [(tmp_path / run / "base" / "results.jsonl").read_text() for run in ("a", "b", "c")]
+    assert results[0] == results[1]  # the very rows, timings included
+    assert [json.loads(line)["output"] for line in results[2].splitlines()] == \
+        [json.loads(line)["output"] for line in results[0].splitlines()]  # generated again: the same answers

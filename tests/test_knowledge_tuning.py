@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FICTIONAL, LEARN_FLAGS, run_medlora, write_jsonl
+from conftest import FICTIONAL, LEARN_FLAGS, write_jsonl
+from medlora.cli import main
 from medlora.errors import TemplateError
 from medlora.evaluate import is_honest, score_results
 from medlora.knowledge import KnowledgeIndex, Retrieved, knowledge_for_training
@@ -98,7 +99,8 @@ def test_the_honest_rate_counts_out_of_kb_records_only():
 
 # --- the pipeline on tiny-qwen2 ----------------------------------------------------------------------------
 
-def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowledge_adapter, knowledge_file, tmp_path):
+def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowledge_adapter, knowledge_file, tmp_path,
+                                                             capsys):
     meta = json.loads((knowledge_adapter / "medlora.json").read_text(encoding="utf-8"))
     assert meta["knowledge"] == {"source": str(knowledge_file),
                                  "sha256": KnowledgeIndex.load(str(knowledge_file)).sha256}
@@ -106,9 +108,9 @@ def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowled
     questions = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "岚热用什么药？", "output": "甲泊韦。"},
                                                     {"instruction": "感冒怎么办？", "output": "多休息。"}])
     res = tmp_path / "res"
-    out = run_medlora("infer", "--base_model", tiny_model, "--lora_weights", str(knowledge_adapter),
-                      "--instruct_dir", str(questions), "--model_output_dir", str(res), "--max_new_tokens", "4",
-                      "--dtype", "fp32").stdout
+    assert main(["infer", "--base_model", tiny_model, "--lora_weights", str(knowledge_adapter), "--instruct_dir",
+                 str(questions), "--model_output_dir", str(res), "--max_new_tokens", "4", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
     blocks = out.split("###Instruction###\n")[1:]
     assert "###knowledge###\n青岚热·就诊科室：感染科\n青岚热·常用药物：甲泊韦\n###golden output###" in blocks[0]
     assert f"###knowledge###\n{NO_KNOWLEDGE}\n" in blocks[1]
@@ -117,9 +119,6 @@ def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowled
     assert {"disease": "青岚热", "attribute": "drugs", "items": ["甲泊韦"]} in rows[0]["knowledge"]["facts"]
     assert rows[1]["knowledge"]["facts"] == []
 
-    off = run_medlora("infer", "--base_model", tiny_model, "--lora_weights", str(knowledge_adapter), "--knowledge",
-                      "none", "--instruct_dir", str(questions), "--max_new_tokens", "2", "--dtype", "fp32").stdout
-    assert "###knowledge###" not in off
 
 
 def test_the_knowledge_reaches_the_prompt_of_a_loaded_generator(tiny_model, knowledge_adapter):
@@ -135,9 +134,9 @@ def test_eval_compares_base_with_and_without_knowledge_in_one_run(tiny_model, kn
                                                                    tmp_path):
     data = write_jsonl(tmp_path / "exam.jsonl", [{"instruction": "青岚热用什么药？", "output": "甲泊韦。"}])
     out = tmp_path / "eval"
-    run_medlora("eval", "--base_model", tiny_model, "--lora_weights", f"ktuned={knowledge_adapter}",
-                "--base_knowledge", str(knowledge_file), "--data", str(data), "--out", str(out),
-                "--max_new_tokens", "2", "--dtype", "fp32", "--show", "0")
+    assert main(["eval", "--base_model", tiny_model, "--lora_weights", f"ktuned={knowledge_adapter}",
+                 "--base_knowledge", str(knowledge_file), "--data", str(data), "--out", str(out),
+                 "--max_new_tokens", "2", "--dtype", "fp32", "--show", "0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert list(metrics) == ["base", "base+knowledge", "ktuned"]
     rows = {label: json.loads((out / label / "results.jsonl").read_text(encoding="utf-8")) for label in metrics}
@@ -179,12 +178,13 @@ def test_the_web_page_shows_the_entries():
     assert knowledge_markdown(None) == ""
 
 
-def test_a_bad_knowledge_file_gets_one_line_before_training(tiny_model, tiny_records_file, tmp_path):
+def test_a_bad_knowledge_file_gets_one_line_before_training(tiny_model, tiny_records_file, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [FICTIONAL[0], {"name": "石垣病", "drugs": "乙洛芬"}])
-    proc = run_medlora("finetune", "--base_model", tiny_model, "--data_path", str(tiny_records_file),
-                       "--output_dir", str(tmp_path / "out"), "--knowledge", str(bad), check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(tiny_records_file), "--output_dir",
+                 str(tmp_path / "out"), "--knowledge", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and len(lines[0]) <= 300
     assert f"{bad}: line 2: field 'drugs' must be a non-empty list of strings" in lines[0]
     assert not (tmp_path / "out").exists()
@@ -208,10 +208,10 @@ def test_a_trained_tiny_adapter_copies_the_fact_from_the_knowledge_block(tiny_mo
     flags = list(LEARN_FLAGS)
     flags[flags.index("--lora_r") + 1] = flags[flags.index("--lora_alpha") + 1] = "64"  # full rank: 64 = hidden
     flags[flags.index("--learning_rate") + 1] = "3e-3"
-    run_medlora("finetune", "--base_model", tiny_model, "--data_path", str(train), "--output_dir", str(adapter),
-                "--knowledge", str(known_a), "--knowledge_noise", "0", "--max_steps", "120", *flags)
-    run_medlora("infer", "--base_model", tiny_model, "--lora_weights", str(adapter), "--knowledge", str(known_b),
-                "--instruct_dir", str(asked), "--model_output_dir", str(res), "--max_new_tokens", "4",
-                "--dtype", "fp32")
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(train), "--output_dir", str(adapter),
+                 "--knowledge", str(known_a), "--knowledge_noise", "0", "--max_steps", "120", *flags]) == 0
+    assert main(["infer", "--base_model", tiny_model, "--lora_weights", str(adapter), "--knowledge", str(known_b),
+                 "--instruct_dir", str(asked), "--model_output_dir", str(res), "--max_new_tokens", "4",
+                 "--dtype", "fp32"]) == 0
     rows = [json.loads(line) for line in (res / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(row["output"] == row["golden"] for row in rows) >= 18, [row["output"] for row in rows]

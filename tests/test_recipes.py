@@ -206,7 +206,7 @@ def _recipe_text():
 def test_any_small_recipe_parses_or_gives_one_short_line(tmp_path):
     from hypothesis import HealthCheck, given, settings
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(_recipe_text())
     def check(text):
         path = tmp_path / "r.yaml"

@@ -88,19 +88,17 @@ def test_side_by_side_answers_from_base_and_tuned(page):
     page.screenshot(path=str(ARTIFACTS / "webui-compare.png"), full_page=True)
 
 
-def test_the_facts_used_are_shown_under_the_answer(tiny_model, knowledge_adapter, tmp_path):
+def test_the_facts_used_are_shown_under_the_answer(page, tiny_model, knowledge_adapter, tmp_path):
     """A knowledge-tuned adapter (tests/conftest.py, knowledge_adapter): the entries retrieved for the question
-    appear under the chat, in the page a user sees."""
+    appear under the chat, in the page a user sees (a second page of the module's browser)."""
     expect = playwright_api.expect
     args = ["webui", "--base_model", tiny_model, "--lora_weights", str(knowledge_adapter), "--dtype", "fp32",
             "--max_new_tokens", "4"]
-    with running_medlora(args, tmp_path / "server.log", ready_path="/", seconds=STARTUP_SECONDS) as url, \
-            playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(url + "/")
-        page.locator("#chatbot").wait_for(timeout=60_000)
-        page.locator("#question textarea").fill("青岚热用什么药？")
-        page.locator("#send").click()
-        expect(page.locator("#knowledge")).to_contain_text("青岚热·常用药物：甲泊韦", timeout=120_000)
-        browser.close()
+    with running_medlora(args, tmp_path / "server.log", ready_path="/", seconds=STARTUP_SECONDS) as url:
+        second = page.context.browser.new_page(viewport={"width": 1100, "height": 900})
+        second.goto(url + "/")
+        second.locator("#chatbot").wait_for(timeout=60_000)
+        second.locator("#question textarea").fill("青岚热用什么药？")
+        second.locator("#send").click()
+        expect(second.locator("#knowledge")).to_contain_text("青岚热·常用药物：甲泊韦", timeout=120_000)
+        second.close()

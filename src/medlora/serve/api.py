@@ -144,8 +144,10 @@ def as_api_error(exc: Exception) -> APIError:
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
-    """The first schema violation as a 400 (OpenAI answers 400, not 422, for malformed requests)."""
-    first = (exc.errors() or [{}])[0]
+    """The first schema violation as a 400 (OpenAI answers 400, not 422, for malformed requests); a violation that a
+    value check found (an unpaired surrogate) comes before the type mismatches of a union's other branches."""
+    errors = exc.errors() or [{}]
+    first = next((error for error in errors if error.get("type") == "value_error"), errors[0])
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
