@@ -88,6 +88,7 @@ def test_side_by_side_answers_from_base_and_tuned(page):
     page.screenshot(path=str(ARTIFACTS / "webui-compare.png"), full_page=True)
 
 
+@pytest.mark.slow  # a second web server (17 s): `make test-slow`; knowledge_markdown is tested in make test
 def test_the_facts_used_are_shown_under_the_answer(page, tiny_model, knowledge_adapter, tmp_path):
     """A knowledge-tuned adapter (tests/conftest.py, knowledge_adapter): the entries retrieved for the question
     appear under the chat, in the page a user sees (a second page of the module's browser)."""
