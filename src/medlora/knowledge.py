@@ -95,7 +95,7 @@ class KnowledgeIndex:
                         if len(form) >= 2:
                             self._owners.setdefault(form, []).append((d["name"], attribute))
             self._vocab[attribute] = forms
-        self._owner_forms = sorted(self._owners, key=len, reverse=True)
+        self._longest_item = max(map(len, self._owners), default=0)
 
     @classmethod
     def builtin(cls, kb_dir: str | Path | None = None) -> "KnowledgeIndex":
@@ -198,13 +198,22 @@ class KnowledgeIndex:
 
     def _owners_of_items(self, question: str, limit: int) -> dict[str, list[str]]:
         """The diseases whose entries hold the most (by characters, MIN_ITEM_CHARS or more) of the items `question`
-        names, with the attributes those items are in; ties go to the name first in sorted order."""
-        said, taken, score, keys = normalise(question), [], {}, {}
-        for form in self._owner_forms:
-            start = said.find(form)
-            if start < 0 or any(start < end and begin < start + len(form) for begin, end in taken):
+        names, with the attributes those items are in; ties go to the name first in sorted order. Items are found by
+        looking the question's substrings up (longest first, without overlaps, each item once), not by scanning the
+        tens of thousands of CMeKG items."""
+        said, spans = normalise(question), []
+        for start in range(len(said)):
+            for end in range(min(len(said), start + self._longest_item), start + 1, -1):
+                if said[start:end] in self._owners:
+                    spans.append((start, end))
+                    break
+        taken, seen, score, keys = [], set(), {}, {}
+        for start, end in sorted(spans, key=lambda span: (span[0] - span[1], span[0])):
+            form = said[start:end]
+            if form in seen or any(start < stop and begin < end for begin, stop in taken):
                 continue
-            taken.append((start, start + len(form)))
+            taken.append((start, end))
+            seen.add(form)
             for disease, key in self._owners[form]:
                 score[disease] = score.get(disease, 0) + len(form)
                 keys.setdefault(disease, []).append(key)
