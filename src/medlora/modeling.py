@@ -241,13 +241,12 @@ def check_target_modules(model, targets) -> None:
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     """medlora.json of an adapter (template, base model, training arguments), or {} for foreign adapters."""
+    from medlora.io import read_json_object
+
     path = Path(adapter_dir) / MEDLORA_META
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(f"{path}: not valid JSON") from None
+    return read_json_object(path, ModelError, "a JSON object (medlora's record of the adapter)")
 
 
 def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Path:

@@ -133,6 +133,7 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     from medlora.evaluate import perplexity
     from medlora.generate import Generator, knowledge_for, template_for
     from medlora.io import atomic_write_jsonl
+    from medlora.knowledge import Retrieved
     from medlora.modeling import preflight_adapter
 
     margs, gen = model_args(args), generation_args(args)
@@ -169,9 +170,9 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
         rows_by_label[label] = answer_records(generator, records, gen, args.batch_size)
         if cache is not None:
             atomic_write_jsonl(cache, rows_by_label[label])
-        if args.perplexity:  # the golden answers after the same prompts, facts included
-            scored = [{**r, "knowledge": f.text()} if f is not None else r
-                      for r, f in ((r, generator.lookup(r["instruction"], r["input"])) for r in records)]
+        if args.perplexity:  # the golden answers after the same prompts, facts included (as answer_records found them)
+            scored = [{**r, "knowledge": Retrieved.from_dict(row["knowledge"]).text()} if "knowledge" in row else r
+                      for r, row in zip(records, rows_by_label[label])]
             extra[label] = perplexity(generator, None, None, scored, batch_size=args.batch_size)
         del loaded, generator
     return rows_by_label, extra
