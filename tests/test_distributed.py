@@ -178,8 +178,10 @@ def test_vllm_chat_template_builds_medlora_serve_prompt(tiny_model, messages):
     doc = (REPO / "docs" / "distributed.md").read_text(encoding="utf-8")
     chat_template = re.search(r"```jinja\n(.*?)```", doc, re.S).group(1)
     tokenizer = load_tokenizer(tiny_model)
-    last_user, history = api.split_conversation(messages)
-    expected = load_template("med_template").build_prompt(last_user, "", tokenizer, history)
+    system, last_user, history = api.split_conversation(messages)
+    template = load_template("med_template")
+    assert chat_template == template.chat_jinja()  # the docs show what the code generates
+    expected = template.build_prompt(last_user, "", tokenizer, history, system=system)
     rendered = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=True)
     assert rendered == expected

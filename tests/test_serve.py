@@ -56,12 +56,13 @@ def ask(client: OpenAI, model: str, question: str, **kwargs):
 
 # --- pure helpers --------------------------------------------------------------------------------------------
 
-def test_split_conversation_puts_system_first_and_pairs_turns():
+def test_split_conversation_returns_the_system_text_and_pairs_turns():
     messages = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "头痛"},
                 {"role": "assistant", "content": "多久了？"},
                 {"role": "user", "content": [{"type": "text", "text": "三天"}]}]
-    assert split_conversation(messages) == ("三天", [("你是医生。\n\n头痛", "多久了？")])
-    assert split_conversation([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]) == ("S\n\nQ", [])
+    assert split_conversation(messages) == ("你是医生。", "三天", [("头痛", "多久了？")])
+    assert split_conversation([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]) == ("S", "Q", [])
+    assert split_conversation([{"role": "user", "content": "Q"}]) == (None, "Q", [])
     for bad in ([{"role": "assistant", "content": "hi"}], [{"role": "tool", "content": "x"}],
                 [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]):
         with pytest.raises(APIError) as caught:

@@ -39,7 +39,14 @@ class DataArgs:
                                  "docs/knowledge.md): kb, cmekg, both, a JSONL/YAML file, or none")
     knowledge_noise: float = opt(0.2, "with --knowledge: the share of training records given an irrelevant, partial "
                                       "or missing entry, so that the model learns to ignore bad facts")
-    columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答")
+    columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答 (or conversations=对话)")
+    data_format: str = opt("auto", "record format: alpaca (instruction/input/output, optional history and system), "
+                                   "sharegpt (conversations of from/value), messages (role/content), or auto (by the "
+                                   "first record of each file)", choices=("auto", "alpaca", "sharegpt", "messages"))
+    system: str = opt("", "system text for every record without its own; recorded in the adapter and used by "
+                          "default at inference")
+    train_on_last_turn_only: bool = opt(False, "in conversations, train on the last assistant turn only (default: "
+                                               "on every assistant turn)")
     cutoff_len: int = opt(256, "maximum tokens per example (prompt + answer + EOS); longer ones are truncated")
     val_set_size: float = opt(0.0, "held-out validation records: a count, or a fraction when below 1")
     val_data_path: str = opt("", "a separate validation file (instead of holding records out of --data_path)")

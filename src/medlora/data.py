@@ -1,4 +1,12 @@
-"""Load and validate instruction records: `{"instruction", "input", "output"}`.
+"""Load and validate instruction records: `{"instruction", "input", "output"}`, plus `history` (earlier
+(user, assistant) turns) and `system` for conversations.
+
+Formats (`--data_format`, auto-detected per file from its first record):
+- alpaca: instruction/input/output, with optional `history` ([[user, assistant], ...]) and `system` (LLaMA-Factory);
+- sharegpt: `conversations` of {"from": human|gpt|system, "value"} (MedicalGPT, LLaMA-Factory);
+- messages: `messages` of {"role": user|assistant|system, "content"} (OpenAI, TRL's conversational format).
+A conversation becomes one record: its last user turn is the instruction, the assistant's answer to it the output,
+the turns before it the history.
 
 Sources: `.json` (a JSON array, or one object per line as in Huatuo's `llama_data.json`), `.jsonl`, `.csv`,
 `.parquet`, a folder of such files, or a dataset name for `datasets.load_dataset`. Every record is checked;
@@ -23,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 FIELDS = ("instruction", "input", "output")
+CONVERSATION_FIELDS = ("history", "system", "conversations", "messages")  # also accepted by --columns
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+# A role name of each format → user/assistant/system
+ROLES = {"sharegpt": {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                      "system": "system"},
+         "messages": {"user": "user", "assistant": "assistant", "system": "system"}}
+TURN_KEYS = {"sharegpt": ("conversations", "from", "value"), "messages": ("messages", "role", "content")}
 # Optional labels that an evaluation set may carry (data/exam): kept as they are, read by medlora.evaluate's scores.
 META_FIELDS = ("kind", "chapter", "disease", "attribute", "layout", "safe_action")
 NEWLINE = b"\n"
@@ -37,22 +52,28 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
     pairs = spec.items() if isinstance(spec, dict) else (p.split("=", 1) for p in spec.split(",") if p.strip())
     mapping = {}
     for pair in pairs:
-        if len(pair) != 2 or pair[0].strip() not in FIELDS:
-            raise DataError(f"--columns: expected FIELD=COLUMN with FIELD one of {', '.join(FIELDS)}; got {spec!r}")
+        if len(pair) != 2 or pair[0].strip() not in (*FIELDS, *CONVERSATION_FIELDS):
+            raise DataError(f"--columns: expected FIELD=COLUMN with FIELD one of "
+                            f"{', '.join((*FIELDS, *CONVERSATION_FIELDS))}; got {spec!r}")
         mapping[pair[1].strip()] = pair[0].strip()
     return mapping
 
 
-def load_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None) -> list[dict]:
-    """Every record of `source`, validated, as `{"instruction", "input", "output"}` dicts."""
-    records = list(iter_records(source, require_output=require_output, columns=columns))
+def load_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None,
+                 data_format: str = "auto") -> list[dict]:
+    """Every record of `source`, validated, as `{"instruction", "input", "output"}` dicts (with `history` and
+    `system` when a conversation has them)."""
+    records = list(iter_records(source, require_output=require_output, columns=columns, data_format=data_format))
     if not records:
         raise DataError(f"{source}: no records found")
     return records
 
 
-def iter_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None) -> Iterator[dict]:
+def iter_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None,
+                 data_format: str = "auto") -> Iterator[dict]:
     """Stream validated records; large JSONL files are read line by line, never whole."""
+    if data_format not in DATA_FORMATS:
+        raise DataError(f"--data_format {data_format!r}: use one of {', '.join(DATA_FORMATS)}")
     mapping = parse_columns(columns)
     path = Path(source)
     if path.is_dir():
@@ -64,9 +85,9 @@ def iter_records(source: str | Path, require_output: bool = True, columns: str |
         if not files:
             raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in this folder")
         for file in files:
-            yield from _iter_file(file, require_output, mapping)
+            yield from _iter_file(file, require_output, mapping, data_format)
     elif path.is_file():
-        yield from _iter_file(path, require_output, mapping)
+        yield from _iter_file(path, require_output, mapping, data_format)
     elif path.exists():
         raise DataError(f"{source}: not a regular file or folder (a FIFO, device or socket cannot be read as data)")
     elif path.is_symlink():
@@ -74,14 +95,14 @@ def iter_records(source: str | Path, require_output: bool = True, columns: str |
     elif path.suffix.lower() in SUFFIXES or "/" in str(source) and not _looks_like_hub_name(str(source)):
         raise DataError(f"{source}: no such file or folder")
     else:
-        yield from _iter_hub_dataset(str(source), require_output, mapping)
+        yield from _iter_hub_dataset(str(source), require_output, mapping, data_format)
 
 
 def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/"))
 
 
-def _iter_file(path: Path, require_output: bool, mapping: dict) -> Iterator[dict]:
+def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str = "auto") -> Iterator[dict]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
@@ -96,23 +117,39 @@ def _iter_file(path: Path, require_output: bool, mapping: dict) -> Iterator[dict
             rows = _read_json_array(path)
         else:
             rows = _read_jsonl(path)
+        fmt = None if data_format == "auto" else data_format
         for where, row in rows:
-            yield validate_record(row, f"{path}: {where}", require_output, mapping)
+            fmt = fmt or detect_format(row, mapping)
+            yield validate_record(row, f"{path}: {where}", require_output, mapping, fmt)
     except OSError as exc:  # unreadable (permissions, a vanished network mount): still the user's to fix
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
-def validate_record(row, where: str, require_output: bool = True, mapping: dict | None = None) -> dict:
+def detect_format(row, mapping: dict | None = None) -> str:
+    """The format of a record by its keys (after --columns renaming): sharegpt, messages or alpaca."""
+    if isinstance(row, dict):
+        keys = {(mapping or {}).get(key, key) for key in row}
+        for fmt, (key, _, _) in TURN_KEYS.items():
+            if key in keys and "instruction" not in keys:
+                return fmt
+    return "alpaca"
+
+
+def validate_record(row, where: str, require_output: bool = True, mapping: dict | None = None,
+                    data_format: str = "alpaca") -> dict:
     """Check one raw record and return it normalised; `where` says where it came from, for the message."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {'null' if row is None else type(row).__name__}")
     if mapping:
+        optional = {"input", "history", "system", *(() if require_output else ("output",))}
         for column, name in mapping.items():
-            if column not in row and not (name == "input" or (name == "output" and not require_output)):
+            if column not in row and name not in optional and (name in FIELDS or name in TURN_KEYS.get(data_format, ())):
                 raise DataError(f"{where}: column '{column}' is missing (--columns {name}={column})")
         renamed = {key: value for key, value in row.items() if key not in mapping.values()}  # mapped columns win
         renamed.update({name: row[column] for column, name in mapping.items() if column in row})
         row = renamed
+    if data_format in TURN_KEYS:
+        row = {**row, **conversation_fields(row, where, data_format, require_output)}
     record = {}
     for name in FIELDS:
         value = row.get(name)
@@ -129,12 +166,81 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
         if name != "input" and not optional and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         record[name] = value
-    for name in META_FIELDS:
+    history = _history(row.get("history"), where)
+    if history:
+        record["history"] = history
+    for name in ("system", *META_FIELDS):
         if row.get(name) is not None:
             if not isinstance(row[name], str):
                 raise DataError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
-            record[name] = row[name]
+            if not row[name].isascii():
+                _check_encodable(row[name], f"{where}: field '{name}'")
+            if row[name] or name != "system":
+                record[name] = row[name]
     return record
+
+
+def conversation_fields(row: dict, where: str, data_format: str, require_output: bool = True) -> dict:
+    """A ShareGPT/messages conversation as alpaca fields: instruction (the last user turn), output (the
+    assistant's answer to it; "" when it has none and none is required), history and system."""
+    key, role_key, text_key = TURN_KEYS[data_format]
+    roles = ROLES[data_format]
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        state = "is missing" if key not in row else "must be a non-empty list of turns"
+        raise DataError(f"{where}: field '{key}' {state} ({data_format} format)")
+    system, texts, expected = "", [], "user"
+    user_name = next(name for name, role in roles.items() if role == "user")
+    for number, turn in enumerate(turns, start=1):
+        at = f"{where}: turn {number}"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: a turn must be an object with '{role_key}' and '{text_key}'")
+        role, text = turn.get(role_key), turn.get(text_key)
+        if role not in roles:
+            raise DataError(f"{at}: unknown role {str(role)[:40]!r} in '{role_key}' (known: {', '.join(roles)})")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{at}: empty turn ('{text_key}' must be non-empty text)")
+        if not text.isascii():
+            _check_encodable(text, f"{at}: '{text_key}'")
+        if roles[role] == "system":
+            if number != 1:
+                raise DataError(f"{at}: a system turn is allowed only first")
+            system = text
+            continue
+        if roles[role] != expected:
+            raise DataError(f"{at}: roles out of order: {role!r} where a {expected} turn was expected (turns "
+                            f"alternate user, assistant, starting with {user_name!r})")
+        texts.append(text)
+        expected = "assistant" if expected == "user" else "user"
+    if not texts:
+        raise DataError(f"{where}: the conversation has no user turn")
+    if expected == "assistant":  # it ends with a user turn
+        if require_output:
+            raise DataError(f"{where}: turn {len(turns)}: the last turn is the user's, not the assistant's (nothing "
+                            f"to learn from it)")
+        texts.append("")
+    fields = {"instruction": texts[-2], "input": "", "output": texts[-1],
+              "history": [list(pair) for pair in zip(texts[0:-2:2], texts[1:-2:2])]}
+    if system or row.get("system") is not None:
+        fields["system"] = system or row.get("system")
+    return fields
+
+
+def _history(value, where: str) -> list[list[str]]:
+    """alpaca's `history`: [[user, assistant], ...] with non-empty text."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field 'history' must be a list of [user, assistant] pairs")
+    for number, pair in enumerate(value, start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise DataError(f"{where}: history turn {number}: expected a [user, assistant] pair of strings")
+        if not all(t.strip() for t in pair):
+            raise DataError(f"{where}: history turn {number}: empty turn")
+        for text in pair:
+            if not text.isascii():
+                _check_encodable(text, f"{where}: history turn {number}")
+    return [list(pair) for pair in value]
 
 
 def _check_encodable(value: str, where: str) -> None:
@@ -277,7 +383,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"row {index}", row
 
 
-def _iter_hub_dataset(name: str, require_output: bool, mapping: dict) -> Iterator[dict]:
+def _iter_hub_dataset(name: str, require_output: bool, mapping: dict, data_format: str = "auto") -> Iterator[dict]:
     import datasets
 
     try:
@@ -287,8 +393,10 @@ def _iter_hub_dataset(name: str, require_output: bool, mapping: dict) -> Iterato
             f"{name}: not a file or folder, and datasets.load_dataset could not load it "
             f"(no network here: only locally cached datasets work): {type(exc).__name__}"
         ) from None
+    fmt = None if data_format == "auto" else data_format
     for index, row in enumerate(rows, start=1):
-        yield validate_record(row, f"{name}: row {index}", require_output, mapping)
+        fmt = fmt or detect_format(row, mapping)
+        yield validate_record(row, f"{name}: row {index}", require_output, mapping, fmt)
 
 
 def split_records(records: list[dict], val_set_size: float | int, seed: int = 42) -> tuple[list[dict], list[dict]]:

@@ -20,8 +20,8 @@ import torch
 
 from medlora import __version__
 from medlora.errors import ModelError
-from medlora.generate import template_for
 from medlora.io import atomic_write_text, check_output_folder, remove_stale_staging, staging_prefix
+from medlora.loader import template_for
 from medlora.modeling import (MEDLORA_META, default_device, load_adapter, load_base_model, load_tokenizer,
                               preflight_adapter, read_adapter_meta, resolve_dtype, resolve_model_path)
 
@@ -77,10 +77,10 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
                          allow_pickle=allow_pickle)
     model.eval().double()
     prompts = [template.build_prompt(q, i, tokenizer) for q, i in CHECK_QUESTIONS]
-    add_special = not template.use_chat_template
+    add_special = template.add_special_tokens
     expected = _logits(model, tokenizer, prompts, add_special)
     merged = model.merge_and_unload().to(resolve_dtype(dtype))
-    meta = {"medlora_version": __version__, "template": template.to_dict(),
+    meta = {"medlora_version": __version__, "template": template.to_dict(), "system": template.system,
             "merged_from": {"base_model": base_model, "adapter": str(adapter_dir)}, "dtype": dtype}
     knowledge = read_adapter_meta(adapter_dir).get("knowledge")
     if knowledge:  # the merged model is prompted with the facts it was trained with, as the adapter was

@@ -19,9 +19,8 @@ import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
 from medlora.config import GenerationArgs
-from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_tokenizer, preflight_adapter,
-                              read_adapter_meta)
-from medlora.templates import KNOWLEDGE_TEMPLATE, Template, load_template
+from medlora.loader import knowledge_for, template_for  # noqa: F401 (the names callers knew from here)
+from medlora.templates import END_OF_TURN_TOKENS, Template
 
 if TYPE_CHECKING:
     from medlora.knowledge import KnowledgeIndex, Retrieved
@@ -53,41 +52,6 @@ class Answer:
     seconds: float
 
 
-def template_for(prompt_template: str | None, *folders, knowledge: bool = False) -> Template:
-    """The explicit template, else the one recorded in an adapter's/merged model's medlora.json, else med_template
-    (med_knowledge when `knowledge` is on)."""
-    if prompt_template:
-        return load_template(prompt_template)
-    for folder in folders:
-        recorded = _recorded(folder).get("template")
-        if recorded:
-            return load_template(recorded)
-    return load_template(KNOWLEDGE_TEMPLATE if knowledge else "med_template")
-
-
-def knowledge_for(spec: str | None, *folders) -> "KnowledgeIndex | None":
-    """The knowledge to retrieve from: `spec` (kb, cmekg, both, a file; none or "" for none), else the source
-    recorded in the first adapter's/merged model's medlora.json that records one, else none. A recorded source whose
-    content changed since training is used with a warning."""
-    from medlora.knowledge import KnowledgeIndex
-
-    if spec:
-        return None if spec == "none" else KnowledgeIndex.load(spec)
-    for folder in folders:
-        recorded = _recorded(folder).get("knowledge")
-        if recorded:
-            index = KnowledgeIndex.load(recorded["source"])
-            if recorded.get("sha256") not in (None, index.sha256):
-                logger.warning("knowledge %r has changed since %s was trained on it (content hash differs)",
-                               recorded["source"], folder)
-            return index
-    return None
-
-
-def _recorded(folder) -> dict:
-    return read_adapter_meta(folder) if folder and Path(folder, MEDLORA_META).is_file() else {}
-
-
 class StopOnEvent(StoppingCriteria):
     """End generation once `event` is set (Ctrl-C in chat, a stop marker reached, a client gone away)."""
 
@@ -96,9 +60,6 @@ class StopOnEvent(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
 def end_token_ids(model, tokenizer, template: Template) -> set[int]:
@@ -139,19 +100,18 @@ class Generator:
     @classmethod
     def load(cls, base_model: str, lora_weights: str | None = None, prompt_template: str | None = None,
              dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
-             allow_pickle: bool = False, merge: bool = True, knowledge: str | None = None) -> "Generator":
-        """`knowledge`: kb, cmekg, both, a file, or none; default: what the adapter (or merged model) records."""
-        if lora_weights:  # a bad adapter is refused before the base's weights are loaded
-            preflight_adapter(lora_weights, base_model, allow_pickle, trust_remote_code)
-        index = knowledge_for(knowledge, lora_weights, base_model)
-        tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
-        template = template_for(prompt_template, lora_weights, base_model, knowledge=index is not None)
-        model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)
-        if lora_weights:
-            model = load_adapter(model, lora_weights, allow_pickle=allow_pickle)
-            if merge and not (load_8bit or load_4bit):
-                model = model.merge_and_unload()
-        return cls(model, tokenizer, template, index)
+             allow_pickle: bool = False, merge: bool = True, knowledge: str | None = None,
+             system: str | None = None) -> "Generator":
+        """`knowledge`: kb, cmekg, both, a file, or none; default (as for the template and `system`): what the
+        adapter (or merged model) records."""
+        from medlora.config import ModelArgs
+        from medlora.loader import load
+
+        margs = ModelArgs(base_model, dtype, load_8bit, load_4bit, trust_remote_code, allow_pickle)
+        name = "default"
+        loaded = load(margs, {name: lora_weights} if lora_weights else {}, prompt_template, knowledge, system, merge)
+        name = name if lora_weights else base_model
+        return cls(loaded.model, loaded.tokenizer, loaded.templates[name], loaded.knowledge[name])
 
     @property
     def device(self):
@@ -163,16 +123,18 @@ class Generator:
             return None
         return self.knowledge.retrieve(f"{instruction}\n{input}" if input else instruction)
 
-    def build_prompt(self, instruction: str, input: str = "", history=(), retrieved: "Retrieved | None" = None
-                     ) -> str:
-        """The prompt for a question; with knowledge on, the facts `retrieved` for it (looked up when not given)."""
+    def build_prompt(self, instruction: str, input: str = "", history=(), retrieved: "Retrieved | None" = None,
+                     system: str | None = None) -> str:
+        """The prompt for a question after the earlier (user, assistant) turns of `history`, rendered as training
+        rendered it; with knowledge on, the facts `retrieved` for the question (looked up when not given).
+        `system`: this conversation's own system text (default: the template's)."""
         retrieved = retrieved or self.lookup(instruction, input)
         knowledge = retrieved.text() if retrieved is not None else None
-        return self.template.build_prompt(instruction, input, self.tokenizer, history, knowledge)
+        return self.template.build_prompt(instruction, input, self.tokenizer, history, knowledge, system)
 
     def _encode(self, prompts: list[str]):
         return self.tokenizer(prompts, return_tensors="pt", padding=True,
-                              add_special_tokens=not self.template.use_chat_template).to(self.device)
+                              add_special_tokens=self.template.add_special_tokens).to(self.device)
 
     def _generate_kwargs(self, gen: GenerationArgs, prompt_width: int) -> dict:
         """generate()'s arguments for prompts left-padded to `prompt_width` tokens."""

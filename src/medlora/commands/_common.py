@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from dataclasses import fields
 from pathlib import Path
 
 from medlora.config import GenerationArgs, ModelArgs, add_dataclass_args, build_dataclass, str2bool
@@ -41,13 +42,33 @@ def named_paths(specs: list[str], flag: str, default_name=lambda path: Path(path
 
 
 def add_template_and_knowledge_arguments(group) -> None:
-    """--prompt_template and --knowledge, as every command that runs a model declares them."""
+    """--prompt_template, --system and --knowledge, as every command that runs a model declares them."""
     group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
                        help="template name or JSON file (default: the adapter's, else med_template, or "
                             "med_knowledge with knowledge)")
     group.add_argument("--knowledge", default=None, metavar="SOURCE",
                        help="put facts retrieved from a knowledge base into the prompt: kb, cmekg, both, a JSONL/YAML "
                             "file, or none (default: the source the adapter was trained with, else none)")
+    group.add_argument("--system", default=None, metavar="TEXT",
+                       help="system text before every conversation without its own (default: the adapter's, else none)")
+
+
+def add_records_arguments(group) -> None:
+    """--columns and --data_format, as every command that reads records declares them (finetune: from DataArgs)."""
+    from medlora.config import DataArgs
+
+    defaults = {f.name: f for f in fields(DataArgs)}
+    for name in ("columns", "data_format"):
+        spec = defaults[name]
+        group.add_argument(f"--{name}", default=spec.default, choices=spec.metadata.get("choices"),
+                           help=f"{spec.metadata['help']} (default: {spec.default!r})")
+
+
+def read_records(args: argparse.Namespace, source: str, require_output: bool) -> list[dict]:
+    from medlora.data import load_records
+
+    return load_records(source, require_output=require_output, columns=args.columns or None,
+                        data_format=args.data_format)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +98,7 @@ def load_generator(args: argparse.Namespace, lora_weights: str | None = None):
     margs = model_args(args)
     return Generator.load(margs.base_model, lora_weights, args.prompt_template, margs.dtype, margs.load_8bit,
                           margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora,
-                          knowledge=args.knowledge)
+                          knowledge=args.knowledge, system=args.system)
 
 
 def _whole_number(value: str, low: int, high: float, expected: str) -> int:

@@ -8,8 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import (add_generation_arguments, add_template_and_knowledge_arguments,
-                                      generation_args, model_args, named_paths)
+from medlora.commands._common import (add_generation_arguments, add_records_arguments,
+                                      add_template_and_knowledge_arguments, generation_args, model_args, named_paths,
+                                      read_records)
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
 from medlora.errors import ConfigError
 from medlora.io import check_output_folder
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
     io = parser.add_argument_group("input and output")
     io.add_argument("--data", "--instruct_dir", dest="data", default=None,
-                    help="records with golden outputs (any finetune data format)")
-    io.add_argument("--columns", default="", help="map source columns to fields, e.g. instruction=问题,output=回答")
+                    help="records with golden outputs (any finetune data format; for a conversation, the last "
+                         "assistant turn)")
+    add_records_arguments(io)
     io.add_argument("--out", default="eval-out", help="folder for metrics.json, the reports and <label>/results.jsonl")
     io.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: all)")
     io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
@@ -115,7 +117,7 @@ def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batc
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
         if folder.is_dir() else []
     key = json.dumps({"base_model": margs.base_model, "weights": weights, "model_args": vars(margs),
-                      "template": template.to_dict(), "knowledge": knowledge.sha256 if knowledge else None,
+                      "template": template.to_dict(), "system": template.system, "knowledge": knowledge.sha256 if knowledge else None,
                       "records": records, "generation": gen.to_generate_kwargs(), "batch_size": batch_size,
                       "versions": [__version__, torch.__version__, transformers.__version__]},
                      ensure_ascii=False, sort_keys=True, default=str)
@@ -154,7 +156,8 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     for label, adapter in models:
         alike = [adapter] if adapter else [p for p in adapter_dirs
                                            if with_knowledge[p] == (knowledge[label] is not None)]
-        template = template_for(args.prompt_template, *alike, margs.base_model, knowledge=knowledge[label] is not None)
+        template = template_for(args.prompt_template, *alike, margs.base_model, knowledge=knowledge[label] is not None,
+                                system=args.system)
         cache = None if adapter or args.perplexity or not args.answer_cache else \
             answer_cache_file(margs, template, knowledge[label], records, gen, args.batch_size)
         if cache is not None and cache.is_file():
@@ -180,7 +183,6 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
 
 def run(args: argparse.Namespace) -> int:
     from medlora.commands.infer import format_block
-    from medlora.data import load_records
     from medlora.evaluate import print_metrics_table, score_results
     from medlora.io import atomic_write_jsonl, atomic_write_text
     from medlora.report import read_loss_log, write_report
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows_by_label, extra = {}, {}
     if models:
-        records = load_records(args.data, require_output=True, columns=args.columns or None)
+        records = read_records(args, args.data, require_output=True)
         records = records[:args.limit] if args.limit else records
         rows_by_label, extra = generate_all(args, models, records)
         for label, rows in rows_by_label.items():

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
-                                      generation_args, load_generator, positive_int)
+                                      add_records_arguments, generation_args, load_generator, positive_int,
+                                      read_records)
 from medlora.config import str2bool
 from medlora.io import check_output_folder
 
@@ -18,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     io = parser.add_argument_group("input and output")
     io.add_argument("--instruct_dir", "--data", dest="instruct_dir", default=None,
-                    help="records to answer (any finetune data format); without it: an interactive prompt")
-    io.add_argument("--columns", default="", help="map source columns to fields, e.g. instruction=问题,output=回答")
+                    help="records to answer (any finetune data format; in a conversation, the last user turn is "
+                         "answered after the turns before it); without it: an interactive prompt")
+    add_records_arguments(io)
     io.add_argument("--model_output_dir", default=None, help=f"folder for {RESULTS} (instruction, golden, answer)")
     io.add_argument("--batch_size", type=positive_int, default=8, help="records generated together (default: 8)")
     io.add_argument("--metrics", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
@@ -28,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_block(row: dict) -> str:
-    """The seed's printed block for one record (with a ###knowledge### block when the prompt had facts)."""
-    lines = ["###Instruction###", row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")]
+    """The seed's printed block for one record (with a ###history### block for a conversation's earlier turns,
+    and a ###knowledge### block when the prompt had facts)."""
+    lines = []
+    if row.get("history"):
+        lines += ["###history###", *(f"用户: {user}\n助手: {reply}" for user, reply in row["history"])]
+    lines += ["###Instruction###", row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")]
     if row.get("knowledge") is not None:
         from medlora.knowledge import Retrieved
         from medlora.templates import NO_KNOWLEDGE
@@ -47,10 +53,12 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
     from medlora.data import META_FIELDS
 
     found = [generator.lookup(r["instruction"], r["input"]) for r in records]
-    prompts = [generator.build_prompt(r["instruction"], r["input"], retrieved=f) for r, f in zip(records, found)]
+    prompts = [generator.build_prompt(r["instruction"], r["input"], r.get("history", ()), f, r.get("system"))
+               for r, f in zip(records, found)]
     answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)
     return [
         {"instruction": r["instruction"], "input": r["input"], "golden": r["output"], "output": a.text,
+         **{name: r[name] for name in ("history", "system") if name in r},
          "tokens": a.n_tokens, "seconds": round(a.seconds, 4), "ended_by_eos": a.ended_by_eos,
          **{name: r[name] for name in META_FIELDS if name in r},
          **({"knowledge": f.to_dict()} if f is not None else {})}
@@ -59,14 +67,12 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
 
 
 def run(args: argparse.Namespace) -> int:
-    from medlora.data import load_records
     from medlora.io import atomic_write_jsonl
 
     gen = generation_args(args)
     if args.model_output_dir:
         check_output_folder("--model_output_dir", args.model_output_dir)
-    records = load_records(args.instruct_dir, require_output=False, columns=args.columns or None) \
-        if args.instruct_dir else None
+    records = read_records(args, args.instruct_dir, require_output=False) if args.instruct_dir else None
     generator = load_generator(args, adapter_path(args))
     if records is None:
         from medlora.chat import chat_loop

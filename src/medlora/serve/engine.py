@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
-from medlora.generate import Generator, StreamStats, knowledge_for, template_for
+from medlora.generate import Generator, StreamStats
 from medlora.templates import Template
 
 if TYPE_CHECKING:
@@ -133,27 +133,21 @@ class Engine:
     @classmethod
     def load(cls, base_model: str, adapters: dict[str, str] | None = None, prompt_template: str | None = None,
              dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
-             allow_pickle: bool = False, knowledge: str | None = None, **engine_kwargs) -> "Engine":
-        """Load the base once and put every adapter on it as a named PeftModel adapter. `knowledge`: for every
-        model, else each adapter's own (medlora.json), else none."""
-        from medlora.modeling import load_adapter, load_base_model, load_tokenizer, preflight_adapter
+             allow_pickle: bool = False, knowledge: str | None = None, system: str | None = None,
+             **engine_kwargs) -> "Engine":
+        """Load the base once and put every adapter on it as a named PeftModel adapter. `knowledge` (and the
+        template, and `system`): for every model, else each adapter's own (medlora.json), else none."""
+        from medlora.config import ModelArgs
+        from medlora.loader import load
+        from medlora.modeling import load_tokenizer
 
         adapters = dict(adapters or {})
         check_model_names(base_model, adapters)
-        for path in adapters.values():  # a bad adapter is refused before the base's weights are loaded
-            preflight_adapter(path, base_model, allow_pickle, trust_remote_code)
-        tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
+        margs = ModelArgs(base_model, dtype, load_8bit, load_4bit, trust_remote_code, allow_pickle)
+        loaded = load(margs, adapters, prompt_template, knowledge, system, merge=False)
         text_tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
-        folders = {base_model: [base_model], **{name: [path, base_model] for name, path in adapters.items()}}
-        indexes = {name: knowledge_for(knowledge, *where) for name, where in folders.items()}
-        templates = {name: template_for(prompt_template, *where, knowledge=indexes[name] is not None)
-                     for name, where in folders.items()}
-        model = load_base_model(base_model, dtype, load_8bit, load_4bit, trust_remote_code)
-        context = getattr(model.config, "max_position_embeddings", None)
-        for name, path in adapters.items():
-            model = load_adapter(model, path, allow_pickle=allow_pickle, adapter_name=name)
-        return cls(model, tokenizer, templates, base_model, text_tokenizer, context_length=context,
-                   knowledge=indexes, **engine_kwargs)
+        return cls(loaded.model, loaded.tokenizer, loaded.templates, base_model, text_tokenizer,
+                   context_length=loaded.context_length, knowledge=loaded.knowledge, **engine_kwargs)
 
     # request side (any thread) ----------------------------------------------------------------------------
 
@@ -174,24 +168,17 @@ class Engine:
         return name
 
     def chat_prompt(self, name: str, messages: list[dict]) -> tuple[str, "Retrieved | None"]:
-        """The prompt for a conversation of {"role", "content"} messages, through the model's template, and the
-        facts retrieved for its last user message (None when the model has no knowledge)."""
+        """The prompt for a conversation of {"role", "content"} messages, rendered by the model's template as
+        training rendered it, and the facts retrieved for its last user message (None when the model has no
+        knowledge)."""
         generator = self.generators[name]
-        template = generator.template
-        last_user, history = split_conversation(messages)
+        system, last_user, history = split_conversation(messages)
         found = generator.lookup(last_user)
-        knowledge = found.text() if found is not None else None
-        if template.use_chat_template and getattr(self.text_tokenizer, "chat_template", None):
-            messages = chat_template_messages(messages)
-            if knowledge is not None and messages and messages[-1]["role"] == "user":
-                messages[-1] = {**messages[-1], "content": template.knowledge_instruction(last_user, knowledge)}
-            with self._text_lock:
-                return self.text_tokenizer.apply_chat_template(messages, tokenize=False,
-                                                               add_generation_prompt=True), found
-        return template.build_prompt(last_user, "", self.text_tokenizer, history, knowledge), found
+        with self._text_lock:
+            return generator.build_prompt(last_user, history=history, retrieved=found, system=system), found
 
     def count_tokens(self, name: str, text: str) -> int:
-        special = not self.generators[name].template.use_chat_template  # as Generator._encode does
+        special = self.generators[name].template.add_special_tokens
         with self._text_lock:
             return len(self.text_tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -408,11 +395,11 @@ def normalise_roles(messages: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def split_conversation(messages: list[dict]) -> tuple[str, list[tuple[str, str]]]:
-    """(last user message, earlier (user, assistant) turns); system text is put before the first user message.
+def split_conversation(messages: list[dict]) -> tuple[str | None, str, list[tuple[str, str]]]:
+    """(system text or None, last user message, earlier (user, assistant) turns).
 
-    Consecutive messages of one role are joined with a newline; a conversation must alternate user/assistant,
-    starting and ending with the user.
+    System messages are joined with a newline, and so are consecutive messages of one role; a conversation must
+    alternate user/assistant, starting and ending with the user.
     """
     pairs = normalise_roles(messages)
     system = "\n".join(text for role, text in pairs if role == "system")
@@ -427,12 +414,5 @@ def split_conversation(messages: list[dict]) -> tuple[str, list[tuple[str, str]]
     if turns[0][0] != "user":
         raise APIError(400, "the conversation must start with a user message", param="messages",
                        code="invalid_messages")
-    if system:
-        turns[0][1] = f"{system}\n\n{turns[0][1]}"
     texts = [text for _, text in turns]
-    return texts[-1], list(zip(texts[0:-1:2], texts[1:-1:2]))
-
-
-def chat_template_messages(messages: list[dict]) -> list[dict]:
-    """Messages for the tokenizer's own chat template: plain-text content, known roles."""
-    return [{"role": role, "content": text} for role, text in normalise_roles(messages)]
+    return system or None, texts[-1], list(zip(texts[0:-1:2], texts[1:-1:2]))

@@ -3,6 +3,12 @@
 A template file holds `description`, `prompt_input`, `prompt_no_input` and `response_split`.
 `--prompt_template` takes a built-in name (see `BUILTIN_TEMPLATES`) or a path to such a file.
 
+Conversations: `render` turns earlier (user, assistant) turns, a system text and the last question into the text
+pieces prompt, answer, prompt, answer, ..., prompt (and the last answer when training). Every answer piece ends with
+the template's turn end (EOS for the JSON templates; the chat template's own end-of-turn token, e.g. `<|im_end|>`),
+so training (medlora.tokenize) and every prompt at inference (infer, eval, chat, serve, webui) come from this one
+rendering.
+
 Knowledge (`--knowledge`, docs/knowledge.md): a template with a `{knowledge}` slot (the built-in `med_knowledge`) gets
 the retrieved facts there, or its `no_knowledge` text when retrieval found none; a template without the slot gets
 them before the instruction, under KNOWLEDGE_HEADER.
@@ -27,6 +33,8 @@ KNOWLEDGE_TEMPLATE = "med_knowledge"  # what --knowledge uses when no template i
 KNOWLEDGE_HEADER = "参考知识:"  # for templates without a {knowledge} slot
 NO_KNOWLEDGE = "（知识库中没有找到相关条目）"
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+# Tokens that end an assistant turn in the chat templates of common instruct models (Qwen, Gemma, Llama 3, Phi-3)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
 @dataclass
@@ -40,25 +48,90 @@ class Template:
     description: str = ""
     use_chat_template: bool = False
     no_knowledge: str = NO_KNOWLEDGE
+    system: str = ""  # the default system text (--system, or the adapter's); a record's own one wins
     _warned_dropped_input: bool = field(default=False, repr=False)
 
     @property
     def has_knowledge_slot(self) -> bool:
         return "{knowledge}" in self.prompt_no_input
 
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (e.g. Gemma's <bos>) to a prompt: a chat template writes
+        its own."""
+        return not self.use_chat_template
+
     def build_prompt(self, instruction: str, input: str = "", tokenizer=None, history=(),
-                     knowledge: str | None = None) -> str:
-        """The prompt text the model sees before its answer.
+                     knowledge: str | None = None, system: str | None = None) -> str:
+        """The prompt text the model sees before its answer: `render`'s pieces joined.
 
         `history` is a sequence of earlier (user, assistant) turns, for multi-turn chat. `knowledge` is the retrieved
         facts' text for this (the last) question: "" when retrieval found none, None when knowledge is off.
         """
-        if not self.has_knowledge_slot:
-            instruction, knowledge = self.knowledge_instruction(instruction, knowledge), None
+        if self.use_chat_template:  # rendered whole: a template may render earlier turns differently (no prefix rule)
+            self._check_chat(tokenizer)
+            return tokenizer.apply_chat_template(
+                self._messages(history, instruction, input, knowledge, system), tokenize=False,
+                add_generation_prompt=True)
+        return "".join(self.render(instruction, input, tokenizer, history, knowledge, system))
+
+    def render(self, instruction: str, input: str = "", tokenizer=None, history=(), knowledge: str | None = None,
+               system: str | None = None, answer: str | None = None) -> list[str]:
+        """Text pieces [prompt, answer, ..., prompt] for `history` and the last question, plus its `answer` when
+        given. Each answer piece ends with `turn_end`; what follows a turn end belongs to the next prompt piece."""
         if self.use_chat_template:
-            return self._build_chat_prompt(instruction, input, tokenizer, history)
-        prompt = "".join(self._format(user, "", None) + answer + "\n" for user, answer in history)
-        return prompt + self._format(instruction, input, knowledge)
+            return self._render_chat(instruction, input, tokenizer, history, knowledge, system, answer)
+        end = self.turn_end(tokenizer)
+        system = self.system if system is None else system
+        pieces, head = [], f"{system}\n" if system else ""
+        for user, reply in history:
+            pieces += [head + self._format(user, "", None), reply + end]
+            head = ""
+        pieces.append(head + self._format(instruction, input, knowledge))
+        return pieces if answer is None else [*pieces, answer + end]
+
+    def turn_end(self, tokenizer) -> str:
+        """The text that ends an answer: EOS for the JSON templates (the chat template writes its own)."""
+        return (getattr(tokenizer, "eos_token", None) or "") if tokenizer is not None else ""
+
+    def _messages(self, history, instruction, input, knowledge, system) -> list[dict]:
+        system = self.system if system is None else system
+        messages = [{"role": "system", "content": system}] if system else []
+        for user, reply in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        content = f"{instruction}\n{input}" if input else instruction
+        return [*messages, {"role": "user", "content": self.knowledge_instruction(content, knowledge)}]
+
+    def _render_chat(self, instruction, input, tokenizer, history, knowledge, system, answer) -> list[str]:
+        """The chat template's text cut into pieces by rendering the conversation one message at a time: each
+        rendering must extend the previous one (a template that rewrites earlier turns cannot be cut this way)."""
+        self._check_chat(tokenizer)
+        messages = self._messages(history, instruction, input, knowledge, system)
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        pieces, done = [], ""
+        ends = [t for t in (*END_OF_TURN_TOKENS, tokenizer.eos_token) if t]
+        for stop in range(first_user + 1, len(messages) + 1, 2):  # after each user message, after each assistant's
+            for upto, prompt in ((stop, True), (stop + 1, False)):
+                if upto > len(messages):
+                    break
+                text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
+                if not text.startswith(done):
+                    raise TemplateError(
+                        f"this tokenizer's chat template renders earlier turns differently once a later one is added, "
+                        f"so the conversation cannot be split into turns to train on; use a template without that "
+                        f"(or --prompt_template med_template)")
+                piece = text[len(done):]
+                if not prompt:  # the answer ends at its end-of-turn token; the rest opens the next prompt
+                    hits = [piece.index(t) + len(t) for t in ends if t in piece]
+                    if not hits:
+                        raise TemplateError("this tokenizer's chat template writes no end-of-turn token after an "
+                                            "assistant message, so the model could not learn where an answer ends")
+                    piece = piece[:min(hits)]
+                pieces.append(piece)
+                done += piece
+        return pieces
 
     def knowledge_instruction(self, instruction: str, knowledge: str | None) -> str:
         """For a template without a {knowledge} slot (and for a chat template's last user message): the
@@ -81,18 +154,50 @@ class Template:
             return self.prompt_input.format(instruction=f"{instruction}\n{input}", **slots)
         return self.prompt_input.format(instruction=instruction, input=input, **slots)
 
-    def _build_chat_prompt(self, instruction, input, tokenizer, history) -> str:
+    @staticmethod
+    def _check_chat(tokenizer) -> None:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise TemplateError(
                 "template 'chat' needs a tokenizer with a chat template; this model has none "
                 "(use --prompt_template med_template for base models)"
             )
-        messages = []
-        for user, answer in history:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        content = f"{instruction}\n{input}" if input else instruction
-        messages.append({"role": "user", "content": content})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat_jinja(self) -> str:
+        """This template as a Jinja chat template (for vLLM's --chat-template, a GGUF's tokenizer.chat_template):
+        for the same messages it renders what `build_prompt` gives after the tokenizer's BOS (it writes
+        `bos_token` itself, as chat templates do). System/developer messages replace the default system text;
+        consecutive messages of one role are joined with a newline, as `medlora serve` joins them. Knowledge is
+        retrieved by medlora only: a `{knowledge}` slot shows the no-knowledge text."""
+        import json
+
+        if self.use_chat_template:
+            raise TemplateError("template 'chat' is the tokenizer's own chat template already")
+        head, _, tail = self.prompt_no_input.partition("{instruction}")
+        literal = lambda text: json.dumps(text.replace("{knowledge}", self.no_knowledge)  # noqa: E731
+                                          .replace("{{", "{").replace("}}", "}"), ensure_ascii=False)
+        return "".join([
+            "{#- medlora template " + json.dumps(self.name, ensure_ascii=False) + ": the prompt medlora builds -#}\n",
+            "{%- macro ask(q) -%}{{ " + literal(head) + " ~ q ~ " + literal(tail) + " }}{%- endmacro -%}\n",
+            "{%- set ns = namespace(system='', given=false, out='', user='', prev='') -%}\n",
+            "{%- for m in messages if m['role'] in ['system', 'developer'] -%}\n",
+            "{%- set ns.system = (ns.system ~ '\\n' if ns.given else '') ~ m['content'] -%}{%- set ns.given = true -%}\n",
+            "{%- endfor -%}\n",
+            "{%- set system = ns.system if ns.given else " + json.dumps(self.system, ensure_ascii=False) + " -%}\n",
+            "{{- bos_token if bos_token is defined and bos_token else '' -}}",
+            "{{- system ~ '\\n' if system else '' -}}\n",
+            "{%- for m in messages if m['role'] in ['user', 'assistant'] -%}\n",
+            "{%- if m['role'] == 'user' -%}\n",
+            "{%- if ns.prev == 'assistant' -%}{%- set ns.out = ns.out ~ eos_token -%}{%- endif -%}\n",
+            "{%- set ns.user = (ns.user ~ '\\n' ~ m['content']) if ns.prev == 'user' else m['content'] -%}\n",
+            "{%- elif ns.prev == 'user' -%}{%- set ns.out = ns.out ~ ask(ns.user) ~ m['content'] -%}\n",
+            "{%- else -%}{%- set ns.out = ns.out ~ '\\n' ~ m['content'] -%}\n",
+            "{%- endif -%}\n",
+            "{%- set ns.prev = m['role'] -%}\n",
+            "{%- endfor -%}\n",
+            "{{- ns.out -}}",
+            "{%- if ns.prev == 'assistant' -%}{{- eos_token -}}",
+            "{%- elif add_generation_prompt -%}{{- ask(ns.user) -}}{%- endif -%}\n",
+        ])
 
     @property
     def stop_strings(self) -> list[str]:

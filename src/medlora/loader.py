@@ -1,0 +1,104 @@
+"""The one loader of every command that runs a trained model: preflight → knowledge → tokenizer → template →
+base → adapters.
+
+`load(ModelArgs, adapters)` returns the model with its adapters, the tokenizer, and for the base and each adapter
+(by name) the template, system text and knowledge its prompts use. What the caller does not name comes from the
+adapter's (or merged model's) medlora.json, else the defaults: med_template (med_knowledge with knowledge), no
+system text, no knowledge.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medlora.config import ModelArgs
+from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_tokenizer, preflight_adapter,
+                              read_adapter_meta)
+from medlora.templates import KNOWLEDGE_TEMPLATE, Template, load_template
+
+if TYPE_CHECKING:
+    from medlora.knowledge import KnowledgeIndex
+
+logger = logging.getLogger(__name__)
+
+
+def _recorded(folder) -> dict:
+    return read_adapter_meta(folder) if folder and Path(folder, MEDLORA_META).is_file() else {}
+
+
+def template_for(prompt_template: str | None, *folders, knowledge: bool = False, system: str | None = None
+                 ) -> Template:
+    """The explicit template, else the one recorded in an adapter's/merged model's medlora.json, else med_template
+    (med_knowledge when `knowledge` is on); its system text is `system`, else the recorded one, else none."""
+    template = None
+    if prompt_template:
+        template = load_template(prompt_template)
+    for folder in folders:
+        recorded = _recorded(folder)
+        if template is None and recorded.get("template"):
+            template = load_template(recorded["template"])
+        if system is None and isinstance(recorded.get("system"), str):
+            system = recorded["system"]
+    template = template or load_template(KNOWLEDGE_TEMPLATE if knowledge else "med_template")
+    template.system = system or ""
+    return template
+
+
+def knowledge_for(spec: str | None, *folders) -> "KnowledgeIndex | None":
+    """The knowledge to retrieve from: `spec` (kb, cmekg, both, a file; none or "" for none), else the source
+    recorded in the first adapter's/merged model's medlora.json that records one, else none. A recorded source whose
+    content changed since training is used with a warning."""
+    from medlora.knowledge import KnowledgeIndex
+
+    if spec:
+        return None if spec == "none" else KnowledgeIndex.load(spec)
+    for folder in folders:
+        recorded = _recorded(folder).get("knowledge")
+        if recorded:
+            index = KnowledgeIndex.load(recorded["source"])
+            if recorded.get("sha256") not in (None, index.sha256):
+                logger.warning("knowledge %r has changed since %s was trained on it (content hash differs)",
+                               recorded["source"], folder)
+            return index
+    return None
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer, with what each of its names (the base, each adapter) prompts with."""
+
+    model: object
+    tokenizer: object
+    base_name: str
+    templates: dict[str, Template] = field(default_factory=dict)
+    knowledge: dict[str, "KnowledgeIndex | None"] = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def load(margs: ModelArgs, adapters: dict[str, str] | None = None, prompt_template: str | None = None,
+         knowledge: str | None = None, system: str | None = None, merge: bool = True,
+         padding_side: str = "left") -> Loaded:
+    """The base of `margs` with `adapters` ({name: folder}) on it. One adapter is merged into the base when `merge`
+    (not for 8-/4-bit bases); several stay named PeftModel adapters. A bad adapter or knowledge source is refused
+    before any weights load."""
+    adapters = dict(adapters or {})
+    base = margs.base_model
+    for path in adapters.values():
+        preflight_adapter(path, base, margs.allow_pickle, margs.trust_remote_code)
+    folders = {base: [base], **{name: [path, base] for name, path in adapters.items()}}
+    indexes = {name: knowledge_for(knowledge, *where) for name, where in folders.items()}
+    tokenizer = load_tokenizer(base, padding_side=padding_side, trust_remote_code=margs.trust_remote_code)
+    templates = {name: template_for(prompt_template, *where, knowledge=indexes[name] is not None, system=system)
+                 for name, where in folders.items()}
+    model = load_base_model(base, margs.dtype, margs.load_8bit, margs.load_4bit, margs.trust_remote_code)
+    for name, path in adapters.items():
+        model = load_adapter(model, path, allow_pickle=margs.allow_pickle, adapter_name=name)
+    if merge and len(adapters) == 1 and not (margs.load_8bit or margs.load_4bit):
+        model = model.merge_and_unload()
+    return Loaded(model, tokenizer, base, templates, indexes)
