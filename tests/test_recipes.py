@@ -43,7 +43,7 @@ def test_every_shipped_recipe_parses_and_validates(recipe):
     assert train.batch_size % train.micro_batch_size == 0
     assert train.max_steps > 0 or train.num_epochs > 0
     assert train.output_dir.startswith("runs/")
-    assert data.data_path == "data/medqa/train.jsonl"
+    assert data.data_path in ("data/medqa/train.jsonl", "data/medchat/train.jsonl")
     assert lora.lora_r > 0 and lora.lora_alpha > 0
     # through the command line too, as `medlora finetune --config RECIPE` reads it
     assert options("--config", str(recipe)) == (model, data, lora, train)
@@ -232,3 +232,15 @@ def test_one_name_equals_path_parser_for_adapter_and_results_lists(tmp_path):
         named_paths(["runs/x", "x=other"], "--lora_weights")
     with pytest.raises(ConfigError, match="expected NAME=PATH or PATH"):
         named_paths(["med="], "--lora_weights")
+
+
+def test_every_command_reads_a_recipe_and_its_flags_win(tmp_path, capsys):
+    recipe = write(tmp_path, "host: 256.0.0.1\nport: 9\nmax_batch_size: 4\n")
+    assert main(["serve", "--config", str(recipe), "--port", "8123"]) == 2
+    assert "cannot serve on 256.0.0.1:8123" in capsys.readouterr().err  # host from the recipe, port from the flag
+    for text, message in (("lora_rank: 8\n", "unknown option 'lora_rank' (known: see `medlora eval --help`)"),
+                          ("data_format: xml\n", "option 'data_format' must be one of auto, alpaca"),
+                          ("lora_weights: {a: b}\n", "option 'lora_weights' must be a string or a list")):
+        assert main(["eval", "--config", str(write(tmp_path, text))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -46,6 +46,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if module is None:
             continue
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.add_argument("--config", default=None, metavar="RECIPE",
+                                    help="YAML file of this command's options (option: value); flags override it")
         module.add_arguments(command_parser)
         command_parser.set_defaults(run=module.run)
     return parser
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        if getattr(args, "config", None):  # the recipe's values become the command's defaults; flags still win
+            from medlora.config import option_kinds, read_recipe
+
+            command_parser = parser._subparsers._group_actions[0].choices[args.command]
+            command_parser.set_defaults(**read_recipe(args.config, option_kinds(command_parser), args.command))
+            args = parser.parse_args(argv)
         if args.command in MODEL_COMMANDS:
             from medlora.modeling import configure_threads
 

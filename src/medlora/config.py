@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from medlora.errors import ConfigError
 from medlora.io import check_output_folder
@@ -191,6 +192,9 @@ class GenerationArgs:
             raise ConfigError("--top_p must be above 0 and at most 1, --top_k 0 or more (0: no top-k cut)")
 
 
+BOOL_WORDS = ("1", "true", "yes", "y", "on", "0", "false", "no", "n", "off")
+
+
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -226,9 +230,100 @@ def build_dataclass(cls, values: dict):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def known_option_names(*classes) -> set[str]:
-    return {f.name for cls in classes for f in fields(cls)}
-
-
 def asdict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+# --- recipes: `--config recipe.yaml` for every command --------------------------------------------------------
+
+def option_kinds(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    """{option name: (kind, choices)} of a command's parser, for reading a recipe as its flags are read."""
+    kinds = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config"):
+            continue
+        if isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*"):
+            kind = list
+        elif action.type is str2bool or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            kind = bool
+        else:
+            kind = action.type or str
+        kinds[action.dest] = (kind, action.choices)
+    return kinds
+
+
+def _recipe_loader():
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        """safe_load without aliases: `*a` repeated through nested anchors grows a few bytes into gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a recipe")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
+
+
+def read_recipe(path: str, kinds: dict[str, tuple], command: str) -> dict:
+    """A recipe file's options for `command`, each checked against `kinds` (option_kinds of its parser): a known
+    name, a value of the option's type, one of its choices."""
+    import yaml
+
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--config {path}: is a folder, not a recipe file")
+    if not file.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        values = yaml.load(file.read_text(encoding="utf-8"), Loader=_recipe_loader()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of option: value")
+    for key in values:
+        if key not in kinds:
+            raise ConfigError(f"{path}: unknown option {_excerpt(key)} (known: see `medlora {command} --help`)")
+    converted = {key: _as_option_type(path, key, value, kinds[key][0]) for key, value in values.items()}
+    for key, value in converted.items():
+        choices = kinds[key][1]
+        if choices and value not in choices:
+            raise ConfigError(f"{path}: option {key!r} must be one of {', '.join(map(str, choices))}, got "
+                              f"{_excerpt(value)}")
+    return converted
+
+
+def _as_option_type(path: str, key: str, value, kind):
+    """Convert as the command line would: YAML reads `3e-4` as a string, and an empty value as null. `kind` is
+    bool, int, float, str, list (a repeatable option: a list of strings, or one string) or an argparse type."""
+    name = getattr(kind, "__name__", "value")
+    if kind is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{path}: option {key!r} must be a string or a list of strings, got {_excerpt(value)}")
+        return items
+    if value is None and kind is str:
+        return ""
+    if isinstance(value, (dict, list)) or value is None or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{path}: option {key!r} must be {name}, got {_excerpt(value)}")
+    try:
+        if kind is bool:
+            if str(value).strip().lower() not in BOOL_WORDS:
+                raise ValueError(value)
+            return str2bool(str(value))
+        if kind is float:
+            return float(value)
+        return kind(str(value))  # int("8.5") fails where int(8.5) truncates
+    except argparse.ArgumentTypeError as exc:  # an argparse type's own words, e.g. "expected a port number ..."
+        raise ConfigError(f"{path}: option {key!r}: {str(exc)[:200]}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"{path}: option {key!r} must be {name}, got {_excerpt(value)}") from None
+
+
+def _excerpt(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
