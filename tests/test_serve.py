@@ -16,7 +16,8 @@ from openai import NotFoundError, OpenAI
 from medlora import DISCLAIMER
 from medlora.generate import template_for
 from medlora.generate import strip_pieces
-from medlora.serve.engine import APIError, cut_at_stops, split_conversation
+from medlora.serve.engine import APIError, split_conversation
+from medlora.templates import cut_at
 from tests.conftest import TINY_RECORDS, run_medlora, running_medlora
 
 API_KEY = "test-key-123"
@@ -72,8 +73,8 @@ def test_split_conversation_returns_the_system_text_and_pairs_turns():
 
 def test_stream_helpers_add_up_to_the_stripped_text():
     assert "".join(strip_pieces(["  ", "\nab", " ", "c  ", "\n"])) == "ab c"
-    assert cut_at_stops("answer. Q: next", ["Q:", "zz"]) == ("answer.", True)
-    assert cut_at_stops("answer", ["Q:"]) == ("answer", False)
+    assert cut_at("answer. Q: next", ["Q:", "zz"]) == ("answer.", True)
+    assert cut_at("answer", ["Q:"]) == ("answer", False)
 
 
 # --- the running server --------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def test_chat_template_uses_tokenizer(tiny_model):
 
     tokenizer = load_tokenizer(tiny_model)
     prompt = load_template("chat").build_prompt("头痛怎么办？", history=[("你好", "您好")], tokenizer=tokenizer)
-    assert prompt == ("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n您好<|im_end|>\n"
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # Qwen2's default system text
+                      "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n您好<|im_end|>\n"
                       "<|im_start|>user\n头痛怎么办？<|im_end|>\n<|im_start|>assistant\n")
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
 from medlora.generate import Generator, StreamStats
-from medlora.templates import Template
+from medlora.templates import Template, cut_at
 
 if TYPE_CHECKING:
     from medlora.knowledge import Retrieved
@@ -298,7 +298,7 @@ class Engine:
         answers = self.generators[first.model].generate([job.request.prompt for job in jobs], first.gen,
                                                         batch_size=self.max_batch_size)
         for job, answer in zip(jobs, answers):
-            text, was_cut = cut_at_stops(answer.text, job.request.stop)
+            text, was_cut = cut_at(answer.text, job.request.stop)
             reason = "stop" if answer.ended_by_eos or was_cut else "length"
             job.emit("done", Output(text, answer.n_tokens, reason))
 
@@ -344,14 +344,6 @@ class TextStream:
                 yield payload
         finally:
             self.cancel.set()  # a client that went away stops the generation at the next token
-
-
-def cut_at_stops(text: str, stops: Iterable[str]) -> tuple[str, bool]:
-    """`text` up to the first of the stop strings (excluded, right-stripped), and whether one was found."""
-    hits = [text.index(stop) for stop in stops if stop and stop in text]
-    if not hits:
-        return text, False
-    return text[:min(hits)].rstrip(), True
 
 
 def check_model_names(base_model: str, adapters: dict[str, str]) -> None:

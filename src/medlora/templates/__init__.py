@@ -119,9 +119,9 @@ class Template:
                 text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
                 if not text.startswith(done):
                     raise TemplateError(
-                        f"this tokenizer's chat template renders earlier turns differently once a later one is added, "
-                        f"so the conversation cannot be split into turns to train on; use a template without that "
-                        f"(or --prompt_template med_template)")
+                        "this tokenizer's chat template renders earlier turns differently once a later one is added, "
+                        "so the conversation cannot be split into turns to train on; use a template without that "
+                        "(or --prompt_template med_template)")
                 piece = text[len(done):]
                 if not prompt:  # the answer ends at its end-of-turn token; the rest opens the next prompt
                     hits = [piece.index(t) + len(t) for t in ends if t in piece]
@@ -211,10 +211,7 @@ class Template:
 
     def extract_response(self, generated: str) -> str:
         """The answer in freshly generated text: cut at the first stop marker, stripped."""
-        for marker in self.stop_strings:
-            if marker and marker in generated:
-                generated = generated[: generated.index(marker)]
-        return generated.strip()
+        return cut_at(generated, self.stop_strings)[0].strip()
 
     def to_dict(self) -> dict:
         return {
@@ -226,6 +223,16 @@ class Template:
             "use_chat_template": self.use_chat_template,
             **({"no_knowledge": self.no_knowledge} if self.has_knowledge_slot else {}),
         }
+
+
+def cut_at(text: str, markers) -> tuple[str, bool]:
+    """`text` up to the first of `markers` (excluded, right-stripped), and whether one was found: the cut of a
+    finished answer at the template's stop markers and at a request's stop strings (a stream is cut as it comes,
+    by medlora.generate.cut_at_markers)."""
+    hits = [text.index(marker) for marker in markers if marker and marker in text]
+    if not hits:
+        return text, False
+    return text[:min(hits)].rstrip(), True
 
 
 SLOTS = ("instruction", "input", "knowledge")
@@ -241,12 +248,12 @@ def check_placeholders(text: str, where: str, allowed: tuple[str, ...]) -> None:
                   if field is not None]
     except ValueError as exc:
         raise TemplateError(f"{where}: unbalanced braces ({exc}); write a literal brace as {{{{ or }}}}") from None
-    for field, spec, conversion in fields:
-        if field not in allowed:
-            raise TemplateError(f"{where}: unknown placeholder {{{field}}}; allowed: {names} "
+    for slot, spec, conversion in fields:
+        if slot not in allowed:
+            raise TemplateError(f"{where}: unknown placeholder {{{slot}}}; allowed: {names} "
                                 f"(a literal brace is {{{{ or }}}})")
         if spec or conversion:
-            raise TemplateError(f"{where}: placeholder {{{field}}} has a format spec or conversion; write it bare")
+            raise TemplateError(f"{where}: placeholder {{{slot}}} has a format spec or conversion; write it bare")
 
 
 def load_template(name_or_path: str | dict) -> Template:
