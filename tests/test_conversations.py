@@ -139,20 +139,23 @@ def load_records_of(rows: list[dict]) -> list[dict]:
     return [validate_record(row, "test", data_format=detect_format(row)) for row in rows]
 
 
-@pytest.mark.parametrize("template", ["med_template", "chat"])
-def test_the_server_prompt_of_a_conversation_is_the_training_rendering_up_to_the_answer(tiny_model, template):
+def test_the_server_prompt_of_a_conversation_is_the_training_rendering_up_to_the_answer(tiny_model):
+    from medlora.config import ModelArgs
+    from medlora.loader import load, template_for
     from medlora.serve.engine import Engine
 
-    engine = Engine.load(tiny_model, prompt_template=template, dtype="fp32", system="默认的系统提示。")
+    loaded = load(ModelArgs(tiny_model, dtype="fp32"))
+    templates = {name: template_for(name, system="默认的系统提示。") for name in ("med_template", "chat")}
+    engine = Engine(loaded.model, loaded.tokenizer, templates, tiny_model)
     chat = messages()["messages"]
-    prompt, _ = engine.chat_prompt(tiny_model, chat[:-1])
     record = load_records_of([messages()])[0]
-    pieces = engine.generators[tiny_model].template.render(
-        record["instruction"], "", engine.text_tokenizer, record["history"], system=record["system"],
-        answer=record["output"])
-    assert prompt == "".join(pieces[:-1]) and "你是医生。" in prompt and "默认的系统提示。" not in prompt
-    prompt, _ = engine.chat_prompt(tiny_model, chat[1:-1])  # no system message: the default one
-    assert "默认的系统提示。" in prompt and "你是医生。" not in prompt
+    for name, template in templates.items():
+        prompt, _ = engine.chat_prompt(name, chat[:-1])
+        pieces = template.render(record["instruction"], "", engine.text_tokenizer, record["history"],
+                                 system=record["system"], answer=record["output"])
+        assert prompt == "".join(pieces[:-1]) and "你是医生。" in prompt and "默认的系统提示。" not in prompt, name
+        prompt, _ = engine.chat_prompt(name, chat[1:-1])  # no system message: the default one
+        assert "默认的系统提示。" in prompt and "你是医生。" not in prompt
 
 
 # --- a tiny adapter whose follow-up answer depends on the turn before ------------------------------------------

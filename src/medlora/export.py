@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from medlora import __version__
+from medlora.config import ModelArgs
 from medlora.errors import ModelError
 from medlora.io import atomic_write_text, check_output_folder, remove_stale_staging, staging_prefix
-from medlora.loader import template_for
-from medlora.modeling import (MEDLORA_META, default_device, load_adapter, load_base_model, load_tokenizer,
-                              preflight_adapter, read_adapter_meta, resolve_dtype, resolve_model_path)
+from medlora.loader import load
+from medlora.modeling import MEDLORA_META, default_device, read_adapter_meta, resolve_dtype, resolve_model_path
 
 # Largest max-abs logit difference accepted between the saved merged model and base + adapter. Both are run in
 # float64 for the check, so it measures what merging changed (the rounding of W + BA to the saved dtype), not the
@@ -67,14 +67,11 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     dtype = _merge_dtype(dtype)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, base_model, adapter_dir)
-    preflight_adapter(adapter_dir, base_model, allow_pickle, trust_remote_code)  # before loading any weights
-
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
-    template = template_for(None, adapter_dir)
     # The reference is the adapter model as it runs in `dtype`; merging in float64 leaves one rounding: the cast
-    # of W + BA to `dtype`.
-    model = load_adapter(load_base_model(base_model, dtype, trust_remote_code=trust_remote_code), adapter_dir,
-                         allow_pickle=allow_pickle)
+    # of W + BA to `dtype`. The adapter's own knowledge is not needed to merge it.
+    margs = ModelArgs(base_model, dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    loaded = load(margs, {"adapter": str(adapter_dir)}, knowledge="none", merge=False, padding_side="right")
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.templates["adapter"]
     model.eval().double()
     prompts = [template.build_prompt(q, i, tokenizer) for q, i in CHECK_QUESTIONS]
     add_special = template.add_special_tokens

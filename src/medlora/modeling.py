@@ -307,7 +307,7 @@ def check_adapter_base(adapter_dir: str | Path, model) -> None:
     _check_fingerprint(adapter_dir, model_fingerprint(model.config))
 
 
-def _base_config(base_model: str, trust_remote_code: bool = False):
+def base_config(base_model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = resolve_model_path(base_model)
@@ -321,7 +321,7 @@ def preflight_adapter(adapter_dir: str | Path, base_model: str, allow_pickle: bo
                       trust_remote_code: bool = False) -> Path:
     """The adapter checks that need no weights (folder, files, base config): run them before loading the base."""
     path = check_adapter_dir(adapter_dir, allow_pickle)
-    _check_fingerprint(path, model_fingerprint(_base_config(base_model, trust_remote_code)))
+    _check_fingerprint(path, model_fingerprint(base_config(base_model, trust_remote_code)))
     named = read_adapter_config(path).get("base_model_name_or_path")
     if not read_adapter_meta(path) and isinstance(named, str) and named and named != base_model \
             and Path(named).resolve() != Path(resolve_model_path(base_model)).resolve():
@@ -337,7 +337,7 @@ def preflight_target_modules(base_model: str, target_modules, trust_remote_code:
     data and weights are loaded."""
     from transformers import AutoModelForCausalLM
 
-    config = _base_config(base_model, trust_remote_code)
+    config = base_config(base_model, trust_remote_code)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -26,8 +26,8 @@ from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
 from medlora.io import (atomic_write_text, data_file_hashes, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
-from medlora.modeling import (MEDLORA_META, attach_lora, load_base_model, load_tokenizer, model_fingerprint,
-                              preflight_target_modules, resolve_dtype, resolve_model_path)
+from medlora.modeling import (MEDLORA_META, attach_lora, base_config, load_base_model, load_tokenizer,
+                              model_fingerprint, preflight_target_modules, resolve_dtype)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
 from medlora.templates import load_template
 from medlora.tokenize import TokenizeStats, tokenize_records
@@ -112,9 +112,7 @@ def check_output_dir(output_dir: str, data: DataArgs) -> None:
 
 def check_cutoff_len(base_model: str, cutoff_len: int, trust_remote_code: bool = False) -> None:
     """Fail before loading weights when examples could exceed the model's context."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model_path(base_model), trust_remote_code=trust_remote_code)
+    config = base_config(base_model, trust_remote_code)  # offline, and one line for a folder that is no model
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context and cutoff_len > context:
         raise ConfigError(f"--cutoff_len {cutoff_len} exceeds the model's context of {context} tokens")

@@ -41,6 +41,12 @@ def named_paths(specs: list[str], flag: str, default_name=lambda path: Path(path
     return pairs
 
 
+def add_adapters_argument(group, help: str) -> None:
+    """The repeatable `--lora_weights [NAME=]DIR` of the commands that load several adapters (eval, serve); read
+    with `named_paths`."""
+    group.add_argument("--lora_weights", action="append", default=[], metavar="[NAME=]DIR", help=help)
+
+
 def add_template_and_knowledge_arguments(group) -> None:
     """--prompt_template, --system and --knowledge, as every command that runs a model declares them."""
     group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import (add_generation_arguments, add_records_arguments,
+from medlora.commands._common import (add_adapters_argument, add_generation_arguments, add_records_arguments,
                                       add_template_and_knowledge_arguments, generation_args, model_args, named_paths,
                                       read_records)
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
@@ -25,9 +25,8 @@ log = logging.getLogger("medlora")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, ModelArgs, "model")
     models = parser.add_argument_group("models to compare")
-    models.add_argument("--lora_weights", action="append", default=[], metavar="[NAME=]DIR",
-                        help="an adapter folder to evaluate besides the base model (repeatable); "
-                             "labelled by its folder name unless NAME= is given")
+    add_adapters_argument(models, "an adapter folder to evaluate besides the base model (repeatable); labelled by "
+                                  "its folder name unless NAME= is given")
     models.add_argument("--results", nargs="+", default=[], metavar="[NAME=]FILE",
                         help="score existing results.jsonl files instead of generating; labelled by their parent "
                              "folder name unless NAME= is given")

@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 
-from medlora.commands._common import (add_server_arguments, add_template_and_knowledge_arguments, check_bindable,
-                                      model_args, named_paths, positive_int)
+from medlora.commands._common import (add_adapters_argument, add_server_arguments,
+                                      add_template_and_knowledge_arguments, check_bindable, model_args, named_paths,
+                                      positive_int)
 from medlora.config import ModelArgs, add_dataclass_args
 from medlora.errors import ConfigError
 from medlora.serve import LOOPBACK
@@ -18,8 +19,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, ModelArgs, "model")
     models = parser.add_argument_group("adapters and template")
-    models.add_argument("--lora_weights", action="append", default=[], metavar="NAME=DIR",
-                        help="an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
+    add_adapters_argument(models, "an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
     add_template_and_knowledge_arguments(models)
     server = add_server_arguments(parser, "server", 8000, "this machine only")
     server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
