@@ -244,3 +244,15 @@ def test_every_command_reads_a_recipe_and_its_flags_win(tmp_path, capsys):
         assert main(["eval", "--config", str(write(tmp_path, text))]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_the_same_flags_mean_the_same_thing_in_every_command_and_the_old_spellings_stay():
+    for command, data_dest, out_dest in (("finetune", "data_path", "output_dir"), ("infer", "instruct_dir",
+                                         "model_output_dir"), ("eval", "data", "out")):
+        for data_flag in ("--data", "--data_path"):
+            for out_flag in ("--out", "--output_dir"):
+                args = build_parser(only=command).parse_args([command, data_flag, "d.jsonl", out_flag, "o"])
+                assert (getattr(args, data_dest), getattr(args, out_dest)) == ("d.jsonl", "o")
+    assert build_parser(only="infer").parse_args(["infer", "--instruct_dir", "d", "--model_output_dir", "o"]).instruct_dir == "d"
+    assert build_parser(only="merge").parse_args(["merge", "--base_model", "b", "--lora_weights", "a",
+                                                  "--output_dir", "o"]).out == "o"

@@ -32,7 +32,8 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    data_path: str = opt("data/medqa/train.jsonl", "training records: .json/.jsonl/.csv/.parquet, a folder, or a dataset name")
+    data_path: str = opt("data/medqa/train.jsonl", "training records: .json/.jsonl/.csv/.parquet, a folder, or a "
+                                                   "dataset name", aliases=("--data",))
     prompt_template: str = opt("", "template name (med_template/chinese_med, med_knowledge, alpaca, chat) or JSON "
                                    "file; default med_template, or med_knowledge with --knowledge",
                                aliases=("--template", "--prompt_template_name"))
@@ -91,7 +92,7 @@ class LoraArgs:
 
 @dataclass
 class TrainArgs:
-    output_dir: str = opt("lora-out", "where the adapter, checkpoints and loss log are written")
+    output_dir: str = opt("lora-out", "where the adapter, checkpoints and loss log are written", aliases=("--out",))
     batch_size: int = opt(128, "global batch size (examples per optimizer step over all processes)")
     micro_batch_size: int = opt(4, "examples per forward pass; gradient accumulation is derived")
     num_epochs: float = opt(3.0, "passes over the training data")

@@ -35,11 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also evaluate the base model prompted with facts from SOURCE (kb, cmekg, both, a file), "
                              f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
     io = parser.add_argument_group("input and output")
-    io.add_argument("--data", "--instruct_dir", dest="data", default=None,
+    io.add_argument("--data", "--instruct_dir", "--data_path", dest="data", default=None,
                     help="records with golden outputs (any finetune data format; for a conversation, the last "
                          "assistant turn)")
     add_records_arguments(io)
-    io.add_argument("--out", default="eval-out", help="folder for metrics.json, the reports and <label>/results.jsonl")
+    io.add_argument("--out", "--output_dir", dest="out", default="eval-out", help="folder for metrics.json, the reports and <label>/results.jsonl")
     io.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: all)")
     io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
     io.add_argument("--perplexity", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",

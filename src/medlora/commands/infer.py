@@ -18,11 +18,11 @@ RESULTS = "results.jsonl"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--instruct_dir", "--data", dest="instruct_dir", default=None,
+    io.add_argument("--instruct_dir", "--data", "--data_path", dest="instruct_dir", default=None,
                     help="records to answer (any finetune data format; in a conversation, the last user turn is "
                          "answered after the turns before it); without it: an interactive prompt")
     add_records_arguments(io)
-    io.add_argument("--model_output_dir", default=None, help=f"folder for {RESULTS} (instruction, golden, answer)")
+    io.add_argument("--model_output_dir", "--out", "--output_dir", dest="model_output_dir", default=None, help=f"folder for {RESULTS} (instruction, golden, answer)")
     io.add_argument("--batch_size", type=positive_int, default=8, help="records generated together (default: 8)")
     io.add_argument("--metrics", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
                     help="print the evaluation metrics (ROUGE, BLEU, exact match, MCQ accuracy) after the run")
