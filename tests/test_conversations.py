@@ -243,3 +243,16 @@ def test_our_medical_conversations_tune_tiny_qwen2_with_its_chat_template_and_re
     assert generator.build_prompt("头痛怎么办？").startswith("<|im_start|>system\n你是一名医生。<|im_end|>")
     other = Generator.load(tiny_model, str(out), dtype="fp32", system="")  # --system "" drops it
     assert other.build_prompt("头痛怎么办？").startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_a_follow_up_gets_the_facts_of_the_disease_an_earlier_turn_named(knowledge_file):
+    from medlora.knowledge import KnowledgeIndex, knowledge_for_training
+
+    index = KnowledgeIndex.load(str(knowledge_file))
+    found = index.retrieve("它用什么药？", context=["石垣病挂什么科？"])
+    assert found.diseases == ["石垣病"] and "乙洛芬" in found.text()
+    assert index.retrieve("它用什么药？").diseases == []  # no earlier turn: nothing to go on
+    assert index.retrieve("青岚热用什么药？", context=["石垣病挂什么科？"]).diseases == ["青岚热"]  # named now: that one
+    record = {"instruction": "它用什么药？", "input": "", "output": "乙洛芬。", "history": [["石垣病挂什么科？", "骨科。"]]}
+    [trained], _ = knowledge_for_training([record], index)
+    assert "乙洛芬" in trained["knowledge"]

@@ -61,7 +61,7 @@ def chat_loop(generator: Generator, gen: GenerationArgs, multi_turn: bool = True
         if line.startswith("/"):
             write(f"[unknown command] {HELP}\n")
             continue
-        found = generator.lookup(line)
+        found = generator.lookup(line, history=history)
         if found is not None:  # the facts the answer is to rest on, before it
             facts = found.text() or generator.template.no_knowledge
             write("知识> " + facts.replace("\n", "\n      ") + "\n")

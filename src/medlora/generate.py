@@ -116,18 +116,20 @@ class Generator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def lookup(self, instruction: str, input: str = "") -> "Retrieved | None":
-        """The facts retrieved for a question, None when knowledge is off."""
+    def lookup(self, instruction: str, input: str = "", history=()) -> "Retrieved | None":
+        """The facts retrieved for a question (a follow-up's disease from the earlier user turns of `history`),
+        None when knowledge is off."""
         if self.knowledge is None:
             return None
-        return self.knowledge.retrieve(f"{instruction}\n{input}" if input else instruction)
+        return self.knowledge.retrieve(f"{instruction}\n{input}" if input else instruction,
+                                       context=[user for user, _ in reversed(history)])
 
     def build_prompt(self, instruction: str, input: str = "", history=(), retrieved: "Retrieved | None" = None,
                      system: str | None = None) -> str:
         """The prompt for a question after the earlier (user, assistant) turns of `history`, rendered as training
         rendered it; with knowledge on, the facts `retrieved` for the question (looked up when not given).
         `system`: this conversation's own system text (default: the template's)."""
-        retrieved = retrieved or self.lookup(instruction, input)
+        retrieved = retrieved or self.lookup(instruction, input, history)
         knowledge = retrieved.text() if retrieved is not None else None
         return self.template.build_prompt(instruction, input, self.tokenizer, history, knowledge, system)
 

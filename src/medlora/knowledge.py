@@ -173,14 +173,20 @@ class KnowledgeIndex:
         kept = [f for f in found if not any(f != g and f in g for g in found)]
         return {self._vocab[attribute][f] for f in kept}
 
-    def retrieve(self, question: str, max_diseases: int = 2) -> "Retrieved":
-        """The facts a question needs. Diseases: those it names (exactly, else with one character changed), else, for
+    def retrieve(self, question: str, max_diseases: int = 2, context=()) -> "Retrieved":
+        """The facts a question needs. Diseases: those it names (exactly, else with one character changed), else
+        those the nearest of the earlier turns in `context` (newest first) names (a follow-up such as 它用什么药
+        is about the disease of the conversation), else, for
         a question that asks which disease (or department, or what a drug is for), those whose entries hold the
         most of the items it names (a drug, symptoms: 吡格列酮治什么病). For each:
         the department, and the attributes it asks for (up to three; every attribute for 介绍/怎么回事; the
         department, symptoms and drugs when it asks for none in particular); aliases and ICD chapter when asked.
         Lists are cut at MAX_ITEMS items."""
         diseases = self.link(question, fuzzy=True)[:max_diseases]
+        for earlier in context:
+            if diseases:
+                break
+            diseases = self.link(earlier, fuzzy=True)[:max_diseases]
         asked = self.asked_attributes(question)
         matched: dict[str, list[str]] = {}
         if not diseases and re.search(_ASKS_DISEASE, question):
@@ -281,7 +287,8 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
     out, counts = [], {kind: 0 for kind in NOISE_KINDS}
     for number, record in enumerate(records):
         rng = random.Random(f"{seed}\x1fknowledge\x1f{number}")
-        found = index.retrieve(f"{record['instruction']}\n{record.get('input', '')}")
+        found = index.retrieve(f"{record['instruction']}\n{record.get('input', '')}",
+                               context=[user for user, _ in reversed(record.get("history") or ())])
         facts, output, kind = found.facts, record["output"], None
         roll = rng.random()
         single = found.attribute and found.facts and not offered_letters(record)

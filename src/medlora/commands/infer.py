@@ -52,7 +52,7 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
     with knowledge on, the entries retrieved for it."""
     from medlora.data import META_FIELDS
 
-    found = [generator.lookup(r["instruction"], r["input"]) for r in records]
+    found = [generator.lookup(r["instruction"], r["input"], r.get("history", ())) for r in records]
     prompts = [generator.build_prompt(r["instruction"], r["input"], r.get("history", ()), f, r.get("system"))
                for r, f in zip(records, found)]
     answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)

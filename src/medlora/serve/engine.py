@@ -173,7 +173,7 @@ class Engine:
         knowledge)."""
         generator = self.generators[name]
         system, last_user, history = split_conversation(messages)
-        found = generator.lookup(last_user)
+        found = generator.lookup(last_user, history=history)
         with self._text_lock:
             return generator.build_prompt(last_user, history=history, retrieved=found, system=system), found
 

@@ -89,7 +89,7 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
         if not question:
             yield "", history, to_messages(history), gr.update()
             return
-        found = generator.lookup(question)
+        found = generator.lookup(question, history=history)
         prompt = generator.build_prompt(question, history=history, retrieved=found)
         answer, facts = "", knowledge_markdown(found)
         for answer in stream_answer(generator, prompt, settings(gen, max_new_tokens, temperature, top_p)):
