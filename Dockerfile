@@ -14,8 +14,8 @@ ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
     HF_HUB_OFFLINE=1
 # Dependencies first, so that a change of the code does not reinstall them.
 COPY pyproject.toml README.md Makefile ./
-COPY src/medlora/__init__.py src/medlora/__init__.py
+COPY src/medlora/__init__.py src/medlora/errors.py src/medlora/io.py src/medlora/llamacpp.py src/medlora/
 RUN make venv TORCH_INDEX_URL=$TORCH_INDEX_URL
 COPY . .
-RUN .venv/bin/pip install --quiet --no-deps -e '.[test,web,cmekg]'
+RUN .venv/bin/pip install --quiet --no-deps -e '.[test,web,cmekg,gguf-export]'
 CMD ["make", "demo"]

@@ -8,7 +8,7 @@ export MEDLORA_HOME ?= $(HOME)/.cache/medlora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo demo-retrain train-full bench bench-quick clean
+.PHONY: venv test test-slow demo demo-retrain train-full bench bench-quick bench-llamacpp llamacpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,15 +16,28 @@ $(STAMP): pyproject.toml
 	# The torch wheel first and pinned: an unpinned torch would pull a multi-GB CUDA build. Where pip's index serves
 	# CUDA builds of 2.13.0, choose the CPU one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,web,cmekg]'
+	$(BIN)/pip install --quiet -e '.[test,web,cmekg,gguf-export]'
+	# llama.cpp's HF->GGUF converter (medlora export), unpacked from llama-cpp-python's PyPI sdist (sha256-pinned)
+	$(BIN)/python -m medlora.llamacpp fetch
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# llama.cpp itself (llama-cpp-python built from its PyPI sdist), to run exported GGUF files: once, kept in .venv
+# (pip finds it installed on later runs). Lowest priority and one compile job: the machine has 2 shared cores.
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
+LLAMACPP_JOBS ?= 1
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) nice -n 19 \
+		$(BIN)/pip install --quiet --no-binary llama-cpp-python -e '.[llamacpp]'
+	touch $(LLAMACPP_STAMP)
+
+llamacpp: $(LLAMACPP_STAMP)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
@@ -42,6 +55,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+bench-llamacpp: $(LLAMACPP_STAMP)
+	$(BIN)/python bench/llamacpp_agreement.py
 
 clean:
 	rm -rf $(VENV) runs

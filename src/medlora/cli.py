@@ -21,14 +21,15 @@ COMMANDS = {
     "eval": "score base and tuned models on records with golden answers, and write a report",
     "chat": "streaming terminal chat with a model",
     "merge": "fold an adapter into its base and save a plain transformers model",
+    "export": "write a tuned model as one GGUF file (llama.cpp, Ollama) with an Ollama Modelfile",
     "serve": "OpenAI-compatible HTTP API (chat/completions, completions, models)",
     "webui": "Gradio web page: streaming chat and base-vs-tuned side by side",
     "models": "list the built-in base models",
     "data": "build the built-in Chinese medical instruction data from the knowledge base",
 }
-MODEL_COMMANDS = ("finetune", "infer", "eval", "chat", "merge", "serve", "webui")
+MODEL_COMMANDS = ("finetune", "infer", "eval", "chat", "merge", "export", "serve", "webui")
 # Packages of the optional extras (pyproject.toml), by the top-level module a missing one fails to import
-OPTIONAL_EXTRAS = {"gradio": "web", "pyCMeKG": "cmekg"}
+OPTIONAL_EXTRAS = {"gradio": "web", "pyCMeKG": "cmekg", "sentencepiece": "gguf-export"}
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_ERROR = 1
 
