@@ -55,12 +55,12 @@ def ref_train(base_path, records, template, output_dir, micro_batch_size=4, batc
                       data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
                                                            padding=True))
     start = time.perf_counter()
-    trainer.train()
+    output = trainer.train()
     seconds = time.perf_counter() - start
     model.save_pretrained(output_dir)
     supervised = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
     tokens = sum(len(e["input_ids"]) for e in examples)
-    return {"seconds": seconds, "supervised_tokens": supervised, "tokens": tokens}
+    return {"seconds": seconds, "supervised_tokens": supervised, "tokens": tokens, "train_loss": output.training_loss}
 
 
 @torch.inference_mode()

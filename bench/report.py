@@ -1,7 +1,10 @@
-"""Markdown for docs/benchmarks.md from bench/run.py's measurements."""
+"""Markdown for docs/benchmarks.md from bench/run.py's measurements; `python bench/report.py --gpu FILE` prints the
+rows of a GPU run (bench/gpu/compare.sh's JSON), which `--write` also puts in the page when docs/benchmarks-gpu.json
+holds one."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -77,6 +80,8 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
         "",
         f"Interactive latency (one streamed answer, 64 new tokens): time to first token "
         f"{by_name['latency_ttft']['ours']:.2f} s, {by_name['latency_stream']['ours']:.1f} tokens/s.",
+        *_peer_lines(by_name),
+        *_gpu_section(REPO / "docs" / "benchmarks-gpu.json"),
         *_hand_written("benchmarks-targets.md"),
         "",
         "Raw lines (`bench/run.py` output):",
@@ -89,7 +94,81 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
 
 
+def _peer_lines(by_name: dict) -> list[str]:
+    """The lines beside the reference: TRL's SFTTrainer, the validation loss's speed, the tuned model's answers."""
+    out = []
+    trl = by_name.get("train_vs_trl", {})
+    if "ratio" in trl:
+        out += ["", f"Against TRL's SFTTrainer on the same workload in the same run ({trl['unit']}): ours "
+                f"{_fmt(trl['ours'])} vs {_fmt(trl['reference'])} supervised tokens/s, **{trl['ratio']:.2f}×**; "
+                f"training loss ours {trl['train_loss']['ours']:.4f}, TRL {trl['train_loss']['trl']:.4f}; held-out "
+                f"loss ours {trl['val_loss']['ours']:.4f}, TRL {trl['val_loss']['trl']:.4f}."]
+    val = by_name.get("val_loss_speedup", {})
+    if "ratio" in val:
+        out += ["", f"Validation loss ({val['unit']}): ours {val['ours']:.1f} s, the Trainer's loop "
+                f"{val['reference']:.1f} s, **{val['ratio']:.2f}×**."]
+    answers = by_name.get("tuned_vs_base_tokens_per_s", {})
+    if "ratio" in answers:
+        out += ["", f"Answer speed ({answers['unit']}): tuned {answers['ours']:.1f}, base {answers['reference']:.1f} "
+                f"tokens/s, **{answers['ratio']:.2f}×**."]
+    return out
+
+
+def gpu_rows(results: dict) -> list[str]:
+    """Markdown for one GPU run of bench/gpu/compare.sh: ours (bf16) against the reference (fp16), same card."""
+    train, val, gpu = results["train"], results.get("val", {}), results.get("gpu", {})
+    rows = [("training, supervised tokens/s", [r["supervised_tokens"] / r["seconds"] for r in train["ours"]],
+             [r["supervised_tokens"] / r["seconds"] for r in train["ref"]]),
+            ("training, peak GPU memory (MB, torch allocated)", [r["peak_gpu_mb"] for r in train["ours"]],
+             [r["peak_gpu_mb"] for r in train["ref"]]),
+            ("training, peak RSS (MB)", [r["peak_rss_mb"] for r in train["ours"]],
+             [r["peak_rss_mb"] for r in train["ref"]])]
+    if "trl" in train:
+        rows.append(("training, supervised tokens/s: ours vs TRL's SFTTrainer",
+                     [r["supervised_tokens"] / r["seconds"] for r in train["ours"]],
+                     [r["supervised_tokens"] / r["seconds"] for r in train["trl"]]))
+    machine = results.get("machine", {})
+    out = [f"On {gpu.get('name') or results['peak'].get('device')} ({results['measured'].get('train', '?')}): "
+           f"`bash bench/gpu/compare.sh`, ours bf16 against the reference recipe (plain Trainer; fp16 on CUDA, "
+           f"fp32 on a CPU), "
+           f"{results.get('settings', {}).get('n_train', '?')} Huatuo records, {len(train['ours'])} run(s) each, "
+           f"alternating; torch {machine.get('torch')}, transformers {machine.get('transformers')}, peft "
+           f"{machine.get('peft')}; {gpu.get('weights', 'real')} weights"
+           + (" (random: the speeds and memory are the real model's, the losses are not)"
+              if gpu.get("weights") == "random" else "") + f". bf16 matmul peak {results['peak']['gflops']:,.0f} "
+           f"GFLOPS.", "",
+           "| measure | ours min / median / max | reference min / median / max | ratio (medians) |",
+           "|---|---|---|---|"]
+    for name, ours, ref in rows:
+        if None in ours or None in ref or not ours or not ref:
+            continue
+        out.append(f"| {name} | {_spread(ours)} | {_spread(ref)} | "
+                   f"{statistics.median(ours) / statistics.median(ref):.2f}× |")
+    if "ours" in val and "ref" in val:
+        out += ["", f"Validation loss after the same supervised tokens (64 held-out records, fp32): ours "
+                f"{val['ours']['val_loss']:.4f}, reference {val['ref']['val_loss']:.4f}"
+                + (f", TRL {val['trl']['val_loss']:.4f}" if "trl" in val else "") + "."]
+    return out
+
+
+def _gpu_section(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    return ["", "### On a GPU (`bench/gpu/compare.sh`)", "", *gpu_rows(json.loads(path.read_text(encoding="utf-8")))]
+
+
 def _hand_written(name: str) -> list[str]:
     """A hand-written part of the page (docs/NAME: the analysis against the targets, other benchmarks), if any."""
     page = REPO / "docs" / name
     return ["", page.read_text(encoding="utf-8").rstrip()] if page.is_file() else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="print docs rows from a bench JSON")
+    parser.add_argument("--gpu", required=True, help="the JSON a GPU run of bench/gpu/compare.sh wrote")
+    args = parser.parse_args()
+    print("\n".join(gpu_rows(json.loads(Path(args.gpu).read_text(encoding="utf-8")))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,13 @@
 """medlora vs the reference recipe, side by side on this machine. See docs/benchmarks.md.
 
-    python bench/run.py --quick            # < 10 min: one JSON object per line
+    python bench/run.py --quick            # one JSON object per line (about 12 min on 2 idle cores)
     python bench/run.py --write docs/benchmarks.md   # the full run (medians of 3), rewrites the doc
+    python bench/run.py --parts train --json out.json   # some parts only: their lines, raw figures in out.json
 
-Every measurement runs in its own subprocess (clean peak RSS, no warm caches shared between the two), ours and
-the reference alternating. Workload: gemma3-270m, the first records of Huatuo's llama_data.json, micro-batch 4.
+Every measurement runs in its own subprocess (clean peak RSS, no warm caches shared between the two), ours, the
+reference and TRL's SFTTrainer (bench/trl_recipe.py, when `medlora[bench-trl]` is installed) alternating.
+Workload: gemma3-270m, the first records of Huatuo's llama_data.json, micro-batch 4. Besides: the validation loss's
+speed (bench/val_loss.py) and the tokens/s of a tuned adapter's answers against the base's.
 """
 
 from __future__ import annotations
@@ -58,23 +61,26 @@ def template():
 
 def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False, grouped: bool = False,
                  unsorted: bool = False) -> dict:
-    """One epoch over the first `n` records with medlora's defaults (impl "ours") or the reference recipe ("ref").
+    """One epoch over the first `n` records with medlora's defaults (impl "ours"), the reference recipe ("ref") or
+    TRL's SFTTrainer ("trl").
     Ours only: `plain`, fp32 weights (the reference's numerics) with our loss, for checking that our loss path
     changes nothing; `grouped`, length-grouped batches (off by default: faster, but it moves the loss); `unsorted`,
     micro-batches in random order instead of sorted by length within each step (--sort_within_step false)."""
     from medlora.registry import prepare_builtin
 
     records = load_workload(n)
-    if impl == "ref":
+    if impl in ("ref", "trl"):
         from ref_recipe import ref_train
+        from trl_recipe import trl_train
 
-        result = ref_train(str(prepare_builtin("gemma3-270m")), records, template(), out,
-                           SETTINGS["micro_batch_size"], SETTINGS["batch_size"], SETTINGS["learning_rate"], seed)
+        result = (ref_train if impl == "ref" else trl_train)(
+            str(prepare_builtin("gemma3-270m")), records, template(), out, SETTINGS["micro_batch_size"],
+            SETTINGS["batch_size"], SETTINGS["learning_rate"], seed)
     else:
         from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs
         from medlora.train import finetune
 
-        data_file = Path(out) / "train.jsonl"
+        data_file = Path(f"{out}-train.jsonl")  # beside the output folder: finetune refuses one holding its data
         data_file.parent.mkdir(parents=True, exist_ok=True)
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         res = finetune(ModelArgs(base_model="gemma3-270m", dtype="fp32" if plain else "auto"),
@@ -84,7 +90,8 @@ def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = Fals
                                  micro_batch_size=SETTINGS["micro_batch_size"], learning_rate=SETTINGS["learning_rate"],
                                  save_steps=10**9, logging_steps=10**9, report_to="none", seed=seed,
                                  group_by_length=grouped, sort_within_step=not unsorted), echo=lambda *a: None)
-        result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens}
+        result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens,
+                  "train_loss": next((h["train_loss"] for h in res.log_history if "train_loss" in h), None)}
     result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb())
     return result
 
@@ -178,6 +185,33 @@ def worker_latency() -> dict:
     return {"ttft_s": first, "tokens": n_tokens, "tokens_per_s": n_tokens / total}
 
 
+def worker_val_speed(n: int | None) -> dict:
+    """bench/val_loss.py's comparison: medlora's validation loss against the Trainer's own loop."""
+    from val_loss import compare
+
+    return compare(n)
+
+
+def worker_answers(adapter: str | None, n: int) -> dict:
+    """Tokens/s of greedy answers to the first `n` test records through medlora's Generator, with the demo
+    evaluation's decoding and batch size: the base (no knowledge, as `medlora eval` runs it) or `adapter` (with
+    the knowledge and template it was trained with)."""
+    from medlora.config import GenerationArgs
+    from medlora.data import load_records
+    from medlora.generate import Generator
+
+    records = load_records(REPO / "data" / "medqa" / "test.jsonl")[:n]
+    generator = Generator.load("gemma3-270m", adapter)
+    gen = GenerationArgs(max_new_tokens=128, frequency_penalty=0.3)
+    prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in records]
+    generator.generate(prompts[:2], GenerationArgs(max_new_tokens=4))  # warm-up
+    start = time.perf_counter()
+    answers = generator.generate(prompts, gen, batch_size=16)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "answers": n, "tokens": sum(a.n_tokens for a in answers),
+            "ended_by_eos": sum(a.ended_by_eos for a in answers)}
+
+
 def worker_peak() -> dict:
     """Measured bf16 matmul peak (GFLOPS) of the device the bench trains on: all CPU threads, or the GPU."""
     import torch
@@ -202,7 +236,7 @@ def worker_peak() -> dict:
 
 
 WORKERS = {"train": worker_train, "val_loss": worker_val_loss, "infer": worker_infer, "latency": worker_latency,
-           "peak": worker_peak}
+           "peak": worker_peak, "val_speed": worker_val_speed, "answers": worker_answers}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -221,16 +255,23 @@ def spread(values: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small workload, one run each (< 10 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small workload, one run each (about 12 min on 2 idle cores)")
     parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
-    parser.add_argument("--write", default=None, help="write the markdown report here")
+    parser.add_argument("--n-train", type=int, default=None,
+                        help="training records (default 512, 32 with --quick; fewer for a dry run of the paths)")
+    parser.add_argument("--write", default=None, help="write the markdown report here (its raw figures beside it)")
+    parser.add_argument("--json", default=None, help="save the raw figures here (without --write)")
+    parser.add_argument("--adapter", default=None,
+                        help="the tuned adapter of tuned_vs_base_tokens_per_s (default: runs/demo/adapter if trained, "
+                             "else the adapter this run's training part trains)")
     parser.add_argument("--loss-check", action="store_true",
                         help="validation loss of other seeds and variants (--variants): how far apart two equally "
                              "good runs land, and what each speed-up does to the loss")
     parser.add_argument("--variants", default="ours:1,ours:2,plain:42,grouped:42",
                         help="with --loss-check: IMPL:SEED runs, IMPL one of ours (medlora's defaults), plain (ours in "
                              "fp32), grouped (ours with length-grouped batches), unsorted (ours with random "
-                             "micro-batches, the default before sort_within_step), ref")
+                             "micro-batches, the default before sort_within_step), ref, trl")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to measure, a comma list of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--reuse", default=None,
@@ -246,15 +287,19 @@ def main() -> None:
         return
     runs = args.runs or (1 if args.quick else 3)
     n_train, n_infer, n_ref_infer = (32, 16, 4) if args.quick else (512, 64, 16)
+    n_train = args.n_train or n_train
     if args.loss_check:
         loss_check(n_train, args.variants)
         return
     parts = [part for part in args.parts.split(",") if part]
-    if set(parts) - set(PARTS) or (set(parts) != set(PARTS) and not args.reuse):
-        parser.error(f"--parts takes {', '.join(PARTS)}; measuring only some of them needs --reuse FILE")
+    if set(parts) - set(PARTS):
+        parser.error(f"--parts takes {', '.join(PARTS)}")
+    if args.write and set(parts) != set(PARTS) and not args.reuse:
+        parser.error("--write with only some --parts needs --reuse FILE for the others")
     earlier = json.loads(Path(args.reuse).read_text(encoding="utf-8")) if args.reuse else {}
-    raw = Path(args.write).with_suffix(".json") if args.write else None
-    results = measure(runs, n_train, n_infer, n_ref_infer, raw, parts, earlier)
+    raw = Path(args.write).with_suffix(".json") if args.write else Path(args.json) if args.json else None
+    results = measure(runs, n_train, n_infer, n_ref_infer, raw, parts, earlier, quick=args.quick,
+                      adapter=args.adapter)
     for line in summary_lines(results):
         print(json.dumps(line))
     if args.write:
@@ -264,29 +309,41 @@ def main() -> None:
                        {"runs": runs, "n_train": n_train, "n_infer": n_infer, "n_ref_infer": n_ref_infer})
 
 
-PARTS = ("train", "infer", "latency")
+PARTS = ("train", "infer", "latency", "val_speed", "answers")
+DEMO_ADAPTER = REPO / "runs" / "demo" / "adapter"
+
+
+def trl_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
 
 
 def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path | None = None,
-            parts=PARTS, earlier: dict | None = None) -> dict:
+            parts=PARTS, earlier: dict | None = None, quick: bool = False, adapter: str | None = None) -> dict:
     """Every worker's figures; with `raw`, they are also saved there after each worker, so a long run that stops
-    half-way keeps what it measured. Parts not in `parts` are taken from `earlier` (an earlier run's raw figures);
-    `measured` records the date of each part's figures."""
+    half-way keeps what it measured. Parts not in `parts` are taken from `earlier` (an earlier run's raw figures)
+    where it has them; `measured` records the date of each part's figures."""
     today = time.strftime("%Y-%m-%d %H:%M")
     earlier = earlier or {}
-    results = {"peak": run_worker("peak"), "train": {"ours": [], "ref": []}, "val": {},
-               "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": [], "measured": {}}
+    trainers = ("ref", "ours", "trl") if trl_installed() else ("ref", "ours")
+    results = {"peak": run_worker("peak"), "train": {impl: [] for impl in trainers}, "val": {},
+               "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": [], "val_speed": [],
+               "answers": {"base": [], "tuned": []}, "measured": {}, "settings": {"n_train": n_train, "runs": runs}}
     for part in PARTS:
         if part in parts:
             results["measured"][part] = today
-        else:
+        elif part in earlier:
             results[part] = earlier[part]
             results["measured"][part] = earlier.get("measured", {}).get(part, "an earlier run")
             if part == "train":
                 results["val"] = earlier["val"]
+    if "answers" in parts:
+        adapter = adapter or (str(DEMO_ADAPTER) if (DEMO_ADAPTER / "adapter_config.json").is_file() else None)
+        results["answers"]["adapter"] = adapter
     with tempfile.TemporaryDirectory() as scratch:
         for run in range(runs):
-            for impl in ("ref", "ours") if "train" in parts else ():
+            for impl in trainers if "train" in parts else ():
                 out = f"{scratch}/{impl}-{run}"
                 results["train"][impl].append(run_worker("train", impl=impl, n=n_train, out=out))
                 if run == 0:
@@ -297,6 +354,16 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
                 save_raw(results, raw)
             if "latency" in parts:
                 results["latency"].append(run_worker("latency"))
+            if "val_speed" in parts:
+                results["val_speed"].append(run_worker("val_speed", n=64 if quick else None))
+                save_raw(results, raw)
+            if "answers" in parts:
+                if not results["answers"]["adapter"] and "train" in parts:
+                    results["answers"]["adapter"] = f"{scratch}/ours-0"  # the adapter this run trained
+                if results["answers"]["adapter"]:
+                    for model, path in (("base", None), ("tuned", results["answers"]["adapter"])):
+                        results["answers"][model].append(run_worker("answers", adapter=path, n=16 if quick else 64))
+                save_raw(results, raw)
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), **versions()}
     save_raw(results, raw)
@@ -309,7 +376,7 @@ def loss_check(n_train: int, variants: str) -> None:
         for variant in variants.split(","):
             impl, seed = variant.split(":")
             out = f"{scratch}/{impl}-{seed}"
-            kwargs = {"impl": "ref"} if impl == "ref" else {"impl": "ours", "plain": impl == "plain",
+            kwargs = {"impl": impl} if impl in ("ref", "trl") else {"impl": "ours", "plain": impl == "plain",
                                                             "grouped": impl == "grouped",
                                                             "unsorted": impl == "unsorted"}
             train = run_worker("train", n=n_train, out=out, seed=int(seed), **kwargs)
@@ -328,35 +395,92 @@ def save_raw(results: dict, raw: Path | None) -> None:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "transformers", "peft", "accelerate")}
+    from trl_recipe import trl_version
+
+    return {**{name: version(name) for name in ("torch", "transformers", "peft", "accelerate")},
+            "trl": trl_version()}
 
 
 def summary_lines(results: dict) -> list[dict]:
-    train = results["train"]
-    tps = {impl: [r["supervised_tokens"] / r["seconds"] for r in train[impl]] for impl in train}
-    rss = {impl: [r["peak_rss_mb"] for r in train[impl]] for impl in train}
-    aps = {impl: [r["answers"] / r["seconds"] for r in results["infer"][impl]] for impl in results["infer"]}
-    mfu = [r["flops"]["model_flops"] / r["seconds"] / 1e9 for r in train["ours"]]
-    med = statistics.median
-    return [
-        {"name": "train_throughput", "ours": med(tps["ours"]), "reference": med(tps["ref"]),
-         "unit": "supervised tokens/s", "ratio": med(tps["ours"]) / med(tps["ref"])},
-        {"name": "train_peak_rss", "ours": med(rss["ours"]), "reference": med(rss["ref"]), "unit": "MB",
-         "ratio": med(rss["ours"]) / med(rss["ref"])},
-        {"name": "train_val_loss", "ours": results["val"]["ours"]["val_loss"],
-         "reference": results["val"]["ref"]["val_loss"], "unit": "nats/token (fp32, held-out)",
-         "ratio": results["val"]["ours"]["val_loss"] / results["val"]["ref"]["val_loss"]},
-        {"name": "infer_batch_throughput", "ours": med(aps["ours"]), "reference": med(aps["ref"]),
-         "unit": "answers/s (greedy batched vs per-record beam 4)", "ratio": med(aps["ours"]) / med(aps["ref"])},
-        {"name": "infer_beam_batched", "ours": med(aps["ours-beam"]), "reference": med(aps["ref"]),
-         "unit": "answers/s (beam 4 batched vs per-record beam 4)", "ratio": med(aps["ours-beam"]) / med(aps["ref"])},
-        {"name": "mfu", "ours": med(mfu), "reference": results["peak"]["gflops"], "unit": "GFLOPS (model / bf16 peak)",
-         "ratio": med(mfu) / results["peak"]["gflops"]},
-        {"name": "latency_ttft", "ours": med(r["ttft_s"] for r in results["latency"]), "reference": None,
-         "unit": "s", "ratio": None},
-        {"name": "latency_stream", "ours": med(r["tokens_per_s"] for r in results["latency"]), "reference": None,
-         "unit": "tokens/s", "ratio": None},
-    ]
+    """One line per measure; a measure whose part was not measured (nor reused) is a line with `skipped`."""
+    lines = []
+    for name, build in LINES:
+        try:
+            lines.append({"name": name, **build(results)})
+        except (KeyError, IndexError, statistics.StatisticsError, TypeError):
+            why = SKIPPED.get(name, "not measured in this run")
+            if name == "train_vs_trl" and trl_installed():
+                why = "TRL's figures are not in this run's training part"
+            lines.append({"name": name, "skipped": why})
+    return lines
+
+
+def _per_second(rows: list[dict], amount: str) -> float:
+    return statistics.median(r[amount] / r["seconds"] for r in rows)
+
+
+def _ratio_line(ours: float, reference: float, unit: str, **extra) -> dict:
+    return {"ours": ours, "reference": reference, "unit": unit, "ratio": ours / reference, **extra}
+
+
+def _train_vs_trl(results: dict) -> dict:
+    train, val = results["train"], results["val"]
+    return _ratio_line(_per_second(train["ours"], "supervised_tokens"), _per_second(train["trl"], "supervised_tokens"),
+                       f"supervised tokens/s (TRL {train['trl'][0].get('trl')} SFTTrainer, padding-free, bf16)",
+                       train_loss={"ours": train["ours"][0].get("train_loss"), "trl": train["trl"][0]["train_loss"]},
+                       val_loss={"ours": val["ours"]["val_loss"], "trl": val["trl"]["val_loss"]})
+
+
+def _val_speed(results: dict) -> dict:
+    rows = results["val_speed"]
+    ours, trainer = _med(rows, "medlora_s"), _med(rows, "trainer_s")
+    return {"ours": ours, "reference": trainer, "unit": f"s for {rows[0]['n']} validation records (ours vs the "
+            f"Trainer's loop; ratio = speed-up)", "ratio": trainer / ours,
+            "losses": {"ours": rows[0]["medlora_loss"], "trainer": rows[0]["trainer_loss"]}}
+
+
+def _answers(results: dict) -> dict:
+    answers = results["answers"]
+    return _ratio_line(_per_second(answers["tuned"], "tokens"), _per_second(answers["base"], "tokens"),
+                       f"answer tokens/s (tuned vs base, {answers['tuned'][0]['answers']} test records, greedy, "
+                       f"batch 16)", adapter=answers["adapter"])
+
+
+def _med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+LINES = [
+    ("train_throughput", lambda r: _ratio_line(_per_second(r["train"]["ours"], "supervised_tokens"),
+                                               _per_second(r["train"]["ref"], "supervised_tokens"),
+                                               "supervised tokens/s")),
+    ("train_peak_rss", lambda r: _ratio_line(_med(r["train"]["ours"], "peak_rss_mb"), _med(r["train"]["ref"], "peak_rss_mb"),
+                                             "MB")),
+    ("train_peak_gpu", lambda r: _ratio_line(_med(r["train"]["ours"], "peak_gpu_mb"), _med(r["train"]["ref"], "peak_gpu_mb"),
+                                             "MB (torch.cuda.max_memory_allocated)")),
+    ("train_val_loss", lambda r: _ratio_line(r["val"]["ours"]["val_loss"], r["val"]["ref"]["val_loss"],
+                                             "nats/token (fp32, held-out)")),
+    ("train_vs_trl", _train_vs_trl),
+    ("infer_batch_throughput", lambda r: _ratio_line(_per_second(r["infer"]["ours"], "answers"),
+                                                     _per_second(r["infer"]["ref"], "answers"),
+                                                     "answers/s (greedy batched vs per-record beam 4)")),
+    ("infer_beam_batched", lambda r: _ratio_line(_per_second(r["infer"]["ours-beam"], "answers"),
+                                                 _per_second(r["infer"]["ref"], "answers"),
+                                                 "answers/s (beam 4 batched vs per-record beam 4)")),
+    ("mfu", lambda r: _ratio_line(statistics.median(x["flops"]["model_flops"] / x["seconds"] / 1e9
+                                                    for x in r["train"]["ours"]), r["peak"]["gflops"],
+                                  "GFLOPS (model / bf16 peak)")),
+    ("latency_ttft", lambda r: {"ours": _med(r["latency"], "ttft_s"), "reference": None, "unit": "s", "ratio": None}),
+    ("latency_stream", lambda r: {"ours": _med(r["latency"], "tokens_per_s"), "reference": None, "unit": "tokens/s",
+                                  "ratio": None}),
+    ("val_loss_speedup", _val_speed),
+    ("tuned_vs_base_tokens_per_s", _answers),
+]
+SKIPPED = {
+    "train_vs_trl": "TRL is not installed (the baseline is optional): pip install -e '.[bench-trl]' torch==2.13.0",
+    "train_peak_gpu": "no CUDA device",
+    "tuned_vs_base_tokens_per_s": "no adapter: train one (make demo) or measure the training part in the same run",
+}
 
 
 if __name__ == "__main__":

@@ -22,12 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the first 64 validation records only")
-    parser.add_argument("--base_model", default="gemma3-270m")
-    args = parser.parse_args()
-
+def compare(n: int | None = None, base_model: str = "gemma3-270m") -> dict:
+    """Both paths on the first `n` validation records (all when None), alternating twice: median seconds and the
+    last loss of each. bench/run.py's val_loss_speedup line is this measurement."""
     import torch
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -39,11 +36,11 @@ def main() -> None:
     from medlora.train import SupervisedLossTrainer, validation_loss
 
     configure_threads()
-    records = load_records(REPO / "data" / "medqa" / "valid.jsonl")[:64 if args.quick else None]
-    tokenizer = load_tokenizer(args.base_model, padding_side="right")
+    records = load_records(REPO / "data" / "medqa" / "valid.jsonl")[:n]
+    tokenizer = load_tokenizer(base_model, padding_side="right")
     examples, _ = tokenize_records(records, load_template("med_template"), tokenizer)
     dataset = Dataset.from_list(examples)
-    model = attach_lora(load_base_model(args.base_model), 16, 32, 0.0, "all-linear")
+    model = attach_lora(load_base_model(base_model), 16, 32, 0.0, "all-linear")
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100, padding=True)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     with tempfile.TemporaryDirectory() as out:
@@ -60,10 +57,20 @@ def main() -> None:
             started = time.perf_counter()
             values["medlora"] = validation_loss(model, dataset, collator, bf16=bf16)
             times["medlora"].append(time.perf_counter() - started)
-    trainer_s, ours_s = statistics.median(times["trainer"]), statistics.median(times["medlora"])
-    print(f"{len(records)} validation records, {args.base_model}, bf16={bf16}")
-    print(f"Trainer's loop: {trainer_s:.1f} s (loss {values['trainer']:.4f}); medlora: {ours_s:.1f} s "
-          f"(loss {values['medlora']:.4f}); {trainer_s / ours_s:.2f}x")
+    return {"n": len(records), "base_model": base_model, "bf16": bf16,
+            "trainer_s": statistics.median(times["trainer"]), "medlora_s": statistics.median(times["medlora"]),
+            "trainer_loss": values["trainer"], "medlora_loss": values["medlora"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the first 64 validation records only")
+    parser.add_argument("--base_model", default="gemma3-270m")
+    args = parser.parse_args()
+    r = compare(64 if args.quick else None, args.base_model)
+    print(f"{r['n']} validation records, {r['base_model']}, bf16={r['bf16']}")
+    print(f"Trainer's loop: {r['trainer_s']:.1f} s (loss {r['trainer_loss']:.4f}); medlora: {r['medlora_s']:.1f} s "
+          f"(loss {r['medlora_loss']:.4f}); {r['trainer_s'] / r['medlora_s']:.2f}x")
 
 
 if __name__ == "__main__":
