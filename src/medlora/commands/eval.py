@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="records with golden outputs (any finetune data format; for a conversation, the last "
                          "assistant turn)")
     add_records_arguments(io)
-    io.add_argument("--out", "--output_dir", dest="out", default="eval-out", help="folder for metrics.json, the reports and <label>/results.jsonl")
+    io.add_argument("--out", "--output_dir", dest="out", default="eval-out",
+                    help="folder for metrics.json, the reports and <label>/results.jsonl")
     io.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: all)")
     io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
     io.add_argument("--perplexity", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
@@ -116,7 +117,8 @@ def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batc
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) \
         if folder.is_dir() else []
     key = json.dumps({"base_model": margs.base_model, "weights": weights, "model_args": vars(margs),
-                      "template": template.to_dict(), "system": template.system, "knowledge": knowledge.sha256 if knowledge else None,
+                      "template": template.to_dict(), "system": template.system,
+                      "knowledge": knowledge.sha256 if knowledge else None,
                       "records": records, "generation": gen.to_generate_kwargs(), "batch_size": batch_size,
                       "versions": [__version__, torch.__version__, transformers.__version__]},
                      ensure_ascii=False, sort_keys=True, default=str)

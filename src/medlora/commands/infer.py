@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="records to answer (any finetune data format; in a conversation, the last user turn is "
                          "answered after the turns before it); without it: an interactive prompt")
     add_records_arguments(io)
-    io.add_argument("--model_output_dir", "--out", "--output_dir", dest="model_output_dir", default=None, help=f"folder for {RESULTS} (instruction, golden, answer)")
+    io.add_argument("--model_output_dir", "--out", "--output_dir", dest="model_output_dir", default=None,
+                    help=f"folder for {RESULTS} (instruction, golden, answer)")
     io.add_argument("--batch_size", type=positive_int, default=8, help="records generated together (default: 8)")
     io.add_argument("--metrics", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
                     help="print the evaluation metrics (ROUGE, BLEU, exact match, MCQ accuracy) after the run")

@@ -10,7 +10,8 @@ from medlora.export import MERGE_DTYPES
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", required=True, help="built-in name, local folder or cached hub name")
     parser.add_argument("--lora_weights", required=True, help="LoRA adapter folder (written by finetune)")
-    parser.add_argument("--out", "--output_dir", dest="out", required=True, help="folder for the merged model (replaced only once complete)")
+    parser.add_argument("--out", "--output_dir", dest="out", required=True,
+                        help="folder for the merged model (replaced only once complete)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(MERGE_DTYPES),
                         help="weights dtype of the merged model (default: fp32)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")

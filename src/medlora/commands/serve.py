@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
                           "or leave both unset to serve without one")
     check_bindable(args.host, args.port)
     margs = model_args(args)
-    engine = Engine.load(margs.base_model, dict(named_paths(args.lora_weights, "--lora_weights")), args.prompt_template, margs.dtype,
-                         margs.load_8bit, margs.load_4bit, margs.trust_remote_code, margs.allow_pickle,
-                         knowledge=args.knowledge, system=args.system, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    engine = Engine.load(margs.base_model, dict(named_paths(args.lora_weights, "--lora_weights")),
+                         args.prompt_template, margs.dtype, margs.load_8bit, margs.load_4bit, margs.trust_remote_code,
+                         margs.allow_pickle, knowledge=args.knowledge, system=args.system,
+                         max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)
     settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=max_prompt,
                              max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)
