@@ -81,6 +81,8 @@ class Template:
         given. Each answer piece ends with `turn_end`; what follows a turn end belongs to the next prompt piece."""
         if self.use_chat_template:
             return self._render_chat(instruction, input, tokenizer, history, knowledge, system, answer)
+        if not self.has_knowledge_slot:
+            instruction, knowledge = self.knowledge_instruction(instruction, knowledge), None
         end = self.turn_end(tokenizer)
         system = self.system if system is None else system
         pieces, head = [], f"{system}\n" if system else ""
