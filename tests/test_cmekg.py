@@ -322,6 +322,7 @@ def test_real_graph_loads_sane_entries():
     assert len(indications) > 1_000 and "水痘" in indications["阿昔洛韦"]
 
 
+@pytest.mark.slow  # a whole data build with CMeKG (~11 s): make test-slow
 @pytest.mark.skipif(importlib.util.find_spec("pyCMeKG") is None, reason="pycmekg is not installed")
 def test_a_build_with_cmekg_tags_sources_and_carries_no_other_answer_form():
     from medlora.databuild import build_tagged, load_sources

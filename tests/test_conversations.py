@@ -234,8 +234,8 @@ def test_our_medical_conversations_tune_tiny_qwen2_with_its_chat_template_and_re
     data = REPO / "data" / "medchat" / "train.jsonl"
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 200 and {len(row["conversations"]) // 2 for row in rows} == {2, 3, 4}
-    out = tmp_path / "adapter"
-    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(out),
+    out, some = tmp_path / "adapter", write_jsonl(tmp_path / "some.jsonl", rows[:12])  # the whole file: make test-slow
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(some), "--output_dir", str(out),
                  "--prompt_template", "chat", "--system", "你是一名医生。", "--max_steps", "1", "--batch_size", "4",
                  "--micro_batch_size", "4", "--cutoff_len", "512", "--dtype", "fp32"]) == 0
     assert json.loads((out / "medlora.json").read_text(encoding="utf-8"))["system"] == "你是一名医生。"
@@ -256,3 +256,11 @@ def test_a_follow_up_gets_the_facts_of_the_disease_an_earlier_turn_named(knowled
     record = {"instruction": "它用什么药？", "input": "", "output": "乙洛芬。", "history": [["石垣病挂什么科？", "骨科。"]]}
     [trained], _ = knowledge_for_training([record], index)
     assert "乙洛芬" in trained["knowledge"]
+
+
+@pytest.mark.slow
+def test_all_our_conversations_tune_tiny_qwen2_with_its_chat_template(tiny_model, tmp_path):
+    data = REPO / "data" / "medchat" / "train.jsonl"
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(tmp_path / "a"),
+                 "--prompt_template", "chat", "--max_steps", "1", "--batch_size", "4", "--micro_batch_size", "4",
+                 "--cutoff_len", "512", "--dtype", "fp32"]) == 0

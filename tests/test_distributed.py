@@ -66,6 +66,7 @@ def loss_rows(out: Path) -> list[dict]:
     return [row for row in rows if "loss" in row]
 
 
+@pytest.mark.slow  # two training processes under torchrun (~35 s): make test-slow
 def test_two_processes_train_the_single_process_adapter(single, ddp):
     out, _ = ddp
     one, two = load_file(single / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
@@ -79,6 +80,7 @@ def test_two_processes_train_the_single_process_adapter(single, ddp):
         assert a["loss"] == pytest.approx(b["loss"], abs=ATOL)
 
 
+@pytest.mark.slow  # two training processes under torchrun (~35 s): make test-slow
 def test_only_rank_0_writes_and_speaks(ddp):
     out, proc = ddp
     assert proc.stdout.count("adapter saved in") == 1
@@ -93,6 +95,7 @@ def test_only_rank_0_writes_and_speaks(ddp):
     assert meta["train_args"]["batch_size"] == 8
 
 
+@pytest.mark.slow  # two training processes under torchrun (~35 s): make test-slow
 def test_checkpoint_marker_lists_every_ranks_files(ddp):
     out, _ = ddp
     checkpoint = out / "checkpoint-2"

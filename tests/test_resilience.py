@@ -72,6 +72,7 @@ def uninterrupted(tiny_model, tiny_records_file, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # ~20 s: make test-slow
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(uninterrupted, tiny_model, tiny_records_file, tmp_path):
     out = tmp_path / "run"
     args = finetune_args(tiny_model, tiny_records_file, out)

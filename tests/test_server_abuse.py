@@ -75,6 +75,7 @@ def steer(case, model: str | None, max_tokens: int | None, user_last: bool) -> N
             messages[-1]["role"] = "user"
 
 
+@pytest.mark.slow  # ~11 s of fuzzing: make test-slow
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(server):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
