@@ -38,7 +38,7 @@ def test_folder_is_a_plain_transformers_model(merged, tiny_adapter):
 def test_merged_logits_equal_the_adapter_models(merged, tiny_model, tiny_adapter):
     from transformers import AutoModelForCausalLM
 
-    from medlora.generate import template_for
+    from medlora.loader import template_for
     from medlora.modeling import load_adapter, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)

@@ -14,8 +14,8 @@ import pytest
 from openai import NotFoundError, OpenAI
 
 from medlora import DISCLAIMER
-from medlora.generate import template_for
 from medlora.generate import strip_pieces
+from medlora.loader import template_for
 from medlora.serve.engine import APIError, split_conversation
 from medlora.templates import cut_at
 from tests.conftest import TINY_RECORDS, run_medlora, running_medlora

@@ -18,7 +18,6 @@ import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
 from medlora.config import GenerationArgs
-from medlora.loader import knowledge_for, template_for  # noqa: F401 (the names callers knew from here)
 from medlora.templates import END_OF_TURN_TOKENS, Template
 
 if TYPE_CHECKING:

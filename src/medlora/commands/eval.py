@@ -134,9 +134,10 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     first adapter trained as it is prompted (with or without knowledge), so that the comparison is fair."""
     from medlora.commands.infer import answer_records
     from medlora.evaluate import perplexity
-    from medlora.generate import Generator, knowledge_for, template_for
+    from medlora.generate import Generator
     from medlora.io import atomic_write_jsonl
     from medlora.knowledge import Retrieved
+    from medlora.loader import knowledge_for, template_for
     from medlora.modeling import preflight_adapter
 
     margs, gen = model_args(args), generation_args(args)
