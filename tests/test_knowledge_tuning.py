@@ -129,6 +129,7 @@ def test_the_knowledge_reaches_the_prompt_of_a_loaded_generator(tiny_model, know
     assert Generator.load(tiny_model, str(knowledge_adapter), dtype="fp32", knowledge="none").lookup("石垣病") is None
 
 
+@pytest.mark.slow  # ~12 s: make test-slow
 def test_eval_compares_base_with_and_without_knowledge_in_one_run(tiny_model, knowledge_adapter, knowledge_file,
                                                                    tmp_path):
     data = write_jsonl(tmp_path / "exam.jsonl", [{"instruction": "青岚热用什么药？", "output": "甲泊韦。"}])

@@ -119,6 +119,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tiny_model, tiny_records_file, 
     assert not (out / "adapter_model.safetensors").exists()  # interrupted: no final adapter
 
 
+@pytest.mark.slow  # ~10 s: make test-slow
 def test_nan_guard_stops_a_diverging_run(tiny_model, tiny_records_file, tmp_path):
     # fp32 RMSNorm saturates instead of overflowing at moderate rates (1e6 leaves a flat loss of ln V);
     # 1e38 pushes the LoRA weights past float32's range after one step, so the next loss is NaN.
