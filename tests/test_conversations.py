@@ -264,3 +264,12 @@ def test_all_our_conversations_tune_tiny_qwen2_with_its_chat_template(tiny_model
     assert main(["finetune", "--base_model", tiny_model, "--data_path", str(data), "--output_dir", str(tmp_path / "a"),
                  "--prompt_template", "chat", "--max_steps", "1", "--batch_size", "4", "--micro_batch_size", "4",
                  "--cutoff_len", "512", "--dtype", "fp32"]) == 0
+
+
+def test_medlora_data_chat_rebuilds_our_conversations_byte_for_byte(tmp_path):
+    assert main(["data", "chat", "--out", str(tmp_path)]) == 0
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (REPO / "data" / "medchat" / f"{split}.jsonl").read_bytes()
+    test_diseases = {json.loads(line)["disease"] for line in (tmp_path / "test.jsonl").read_text().splitlines()}
+    train_diseases = {json.loads(line)["disease"] for line in (tmp_path / "train.jsonl").read_text().splitlines()}
+    assert test_diseases and not test_diseases & train_diseases  # split by disease
