@@ -120,8 +120,7 @@ class Generator:
         None when knowledge is off."""
         if self.knowledge is None:
             return None
-        return self.knowledge.retrieve(f"{instruction}\n{input}" if input else instruction,
-                                       context=[user for user, _ in reversed(history)])
+        return self.knowledge.retrieve_turn(instruction, input, history)
 
     def build_prompt(self, instruction: str, input: str = "", history=(), retrieved: "Retrieved | None" = None,
                      system: str | None = None) -> str:

@@ -202,6 +202,12 @@ class KnowledgeIndex:
                  for key in dict.fromkeys([*keys, *matched.get(d, [])]) if self.items(d, key)]
         return Retrieved(diseases, asked[0] if len(asked) == 1 else None, facts)
 
+    def retrieve_turn(self, instruction: str, input: str = "", history=()) -> "Retrieved":
+        """`retrieve` for a record's last turn: its instruction (and input), a follow-up's disease from the earlier
+        user turns of `history`, newest first. The one way training and inference put a turn to the retriever."""
+        return self.retrieve(f"{instruction}\n{input}" if input else instruction,
+                             context=[user for user, _ in reversed(history)])
+
     def _owners_of_items(self, question: str, limit: int) -> dict[str, list[str]]:
         """The diseases whose entries hold the most (by characters, MIN_ITEM_CHARS or more) of the items `question`
         names, with the attributes those items are in; ties go to the name first in sorted order. Items are found by
@@ -287,8 +293,7 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
     out, counts = [], {kind: 0 for kind in NOISE_KINDS}
     for number, record in enumerate(records):
         rng = random.Random(f"{seed}\x1fknowledge\x1f{number}")
-        found = index.retrieve(f"{record['instruction']}\n{record.get('input', '')}",
-                               context=[user for user, _ in reversed(record.get("history") or ())])
+        found = index.retrieve_turn(record["instruction"], record.get("input", ""), record.get("history") or ())
         facts, output, kind = found.facts, record["output"], None
         roll = rng.random()
         single = found.attribute and found.facts and not offered_letters(record)

@@ -72,7 +72,6 @@ class Loaded:
 
     model: object
     tokenizer: object
-    base_name: str
     templates: dict[str, Template] = field(default_factory=dict)
     knowledge: dict[str, "KnowledgeIndex | None"] = field(default_factory=dict)
 
@@ -101,4 +100,4 @@ def load(margs: ModelArgs, adapters: dict[str, str] | None = None, prompt_templa
         model = load_adapter(model, path, allow_pickle=margs.allow_pickle, adapter_name=name)
     if merge and len(adapters) == 1 and not (margs.load_8bit or margs.load_4bit):
         model = model.merge_and_unload()
-    return Loaded(model, tokenizer, base, templates, indexes)
+    return Loaded(model, tokenizer, templates, indexes)
