@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlora.cli import build_parser, main
+from medlora.cli import apply_recipe, build_parser, main
 from medlora.commands.finetune import build_options, load_recipe, resolve_options
 from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs
 from medlora.errors import ConfigError
@@ -19,7 +19,8 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def options(*argv: str):
-    args = build_parser(only="finetune").parse_args(["finetune", *argv])
+    parser = build_parser(only="finetune")
+    args = apply_recipe(parser, parser.parse_args(["finetune", *argv]), ["finetune", *argv])
     return build_options(resolve_options(args))
 
 

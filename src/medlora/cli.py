@@ -63,6 +63,18 @@ def _command_module(name: str):
         raise
 
 
+def apply_recipe(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """`args` with `--config RECIPE` read: the recipe's values become the command's defaults and `argv` is parsed
+    again, so that flags still win. The one place a recipe is applied, for every command."""
+    if not getattr(args, "config", None):
+        return args
+    from medlora.config import option_kinds, read_recipe
+
+    command_parser = parser._subparsers._group_actions[0].choices[args.command]
+    command_parser.set_defaults(**read_recipe(args.config, option_kinds(command_parser), args.command))
+    return parser.parse_args(argv)
+
+
 def setup_logging() -> None:
     # medlora's own progress at INFO; other libraries only from WARNING (matplotlib's font cache, httpx's requests...)
     logging.basicConfig(level=logging.WARNING, format="[medlora] %(message)s", stream=sys.stderr)
@@ -84,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        if getattr(args, "config", None):  # the recipe's values become the command's defaults; flags still win
-            from medlora.config import option_kinds, read_recipe
-
-            command_parser = parser._subparsers._group_actions[0].choices[args.command]
-            command_parser.set_defaults(**read_recipe(args.config, option_kinds(command_parser), args.command))
-            args = parser.parse_args(argv)
+        args = apply_recipe(parser, args, argv)
         if args.command in MODEL_COMMANDS:
             from medlora.modeling import configure_threads
 

@@ -26,10 +26,9 @@ def load_recipe(path: str) -> dict:
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
-    """defaults < recipe < command-line flags (only flags actually given are in `args`)."""
-    given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config")}
-    recipe = load_recipe(args.config) if args.config else {}
-    return {**recipe, **given}
+    """The options in `args`: defaults < recipe (applied by medlora.cli.apply_recipe) < command-line flags; only
+    flags given, or set by the recipe, are in `args`."""
+    return {k: v for k, v in vars(args).items() if k not in ("run", "command", "config")}
 
 
 def build_options(values: dict):
