@@ -49,8 +49,8 @@ def main() -> None:
     for _ in range(args.rounds):
         other, ours = run(args.other, args.model, args.data), run(str(REPO / "src"), args.model, args.data)
         ratio = other["seconds"] / ours["seconds"]
-        print(f"other {other['seconds']:.2f} s, this {ours['seconds']:.2f} s (ratio {ratio:.2f}), {ours['n']} examples, "
-              f"identical: {other['sha256'] == ours['sha256']}")
+        print(f"other {other['seconds']:.2f} s, this {ours['seconds']:.2f} s (ratio {ratio:.2f}), "
+              f"{ours['n']} examples, identical: {other['sha256'] == ours['sha256']}")
 
 
 if __name__ == "__main__":
