@@ -192,10 +192,10 @@ def worker_val_speed(n: int | None) -> dict:
     return compare(n)
 
 
-def worker_answers(adapter: str | None, n: int) -> dict:
+def worker_answers(adapter: str | None, n: int, continuous: bool = True) -> dict:
     """Tokens/s of greedy answers to the first `n` test records through medlora's Generator, with the demo
     evaluation's decoding and batch size: the base (no knowledge, as `medlora eval` runs it) or `adapter` (with
-    the knowledge and template it was trained with)."""
+    the knowledge and template it was trained with); continuous batching (the default) or static batches."""
     from medlora.config import GenerationArgs
     from medlora.data import load_records
     from medlora.generate import Generator
@@ -206,7 +206,7 @@ def worker_answers(adapter: str | None, n: int) -> dict:
     prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in records]
     generator.generate(prompts[:2], GenerationArgs(max_new_tokens=4))  # warm-up
     start = time.perf_counter()
-    answers = generator.generate(prompts, gen, batch_size=16)
+    answers = generator.generate(prompts, gen, batch_size=16, continuous=continuous)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "answers": n, "tokens": sum(a.n_tokens for a in answers),
             "ended_by_eos": sum(a.ended_by_eos for a in answers)}
@@ -329,7 +329,7 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
     trainers = ("ref", "ours", "trl") if trl_installed() else ("ref", "ours")
     results = {"peak": run_worker("peak"), "train": {impl: [] for impl in trainers}, "val": {},
                "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": [], "val_speed": [],
-               "answers": {"base": [], "tuned": []}, "measured": {}, "settings": {"n_train": n_train, "runs": runs}}
+               "answers": {"base": [], "tuned": [], "tuned-static": []}, "measured": {}, "settings": {"n_train": n_train, "runs": runs}}
     for part in PARTS:
         if part in parts:
             results["measured"][part] = today
@@ -361,8 +361,11 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
                 if not results["answers"]["adapter"] and "train" in parts:
                     results["answers"]["adapter"] = f"{scratch}/ours-0"  # the adapter this run trained
                 if results["answers"]["adapter"]:
-                    for model, path in (("base", None), ("tuned", results["answers"]["adapter"])):
-                        results["answers"][model].append(run_worker("answers", adapter=path, n=16 if quick else 64))
+                    tuned = results["answers"]["adapter"]
+                    for model, path, continuous in (("base", None, True), ("tuned", tuned, True),
+                                                    ("tuned-static", tuned, False)):
+                        results["answers"][model].append(run_worker("answers", adapter=path, n=32 if quick else 64,
+                                                                    continuous=continuous))
                 save_raw(results, raw)
     results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version(), **versions()}
@@ -443,7 +446,14 @@ def _answers(results: dict) -> dict:
     answers = results["answers"]
     return _ratio_line(_per_second(answers["tuned"], "tokens"), _per_second(answers["base"], "tokens"),
                        f"answer tokens/s (tuned vs base, {answers['tuned'][0]['answers']} test records, greedy, "
-                       f"batch 16)", adapter=answers["adapter"])
+                       f"batch 16, continuous batching)", adapter=answers["adapter"])
+
+
+def _continuous(results: dict) -> dict:
+    answers = results["answers"]
+    return _ratio_line(_per_second(answers["tuned"], "tokens"), _per_second(answers["tuned-static"], "tokens"),
+                       f"answer tokens/s of the tuned adapter (continuous vs static batches of 16, "
+                       f"{answers['tuned'][0]['answers']} test records, greedy)", adapter=answers["adapter"])
 
 
 def _med(rows: list[dict], key: str) -> float:
@@ -475,11 +485,13 @@ LINES = [
                                   "ratio": None}),
     ("val_loss_speedup", _val_speed),
     ("tuned_vs_base_tokens_per_s", _answers),
+    ("continuous_vs_static", _continuous),
 ]
 SKIPPED = {
     "train_vs_trl": "TRL is not installed (the baseline is optional): pip install -e '.[bench-trl]' torch==2.13.0",
     "train_peak_gpu": "no CUDA device",
     "tuned_vs_base_tokens_per_s": "no adapter: train one (make demo) or measure the training part in the same run",
+    "continuous_vs_static": "no adapter: train one (make demo) or measure the training part in the same run",
 }
 
 

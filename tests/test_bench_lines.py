@@ -37,6 +37,17 @@ def test_every_line_is_printed_and_the_missing_ones_say_why(monkeypatch):
     assert lines["val_loss_speedup"]["ratio"] == 3.0
     assert "pip install -e '.[bench-trl]' torch==2.13.0" in lines["train_vs_trl"]["skipped"]
     assert "skipped" in lines["infer_batch_throughput"] and "skipped" in lines["tuned_vs_base_tokens_per_s"]
+    assert "skipped" in lines["continuous_vs_static"]
+
+
+def test_answer_lines_compare_tuned_with_base_and_continuous_with_static_batches():
+    results = _results(with_trl=False)
+    answer = {"answers": 32, "tokens": 1000, "ended_by_eos": 30}
+    results["answers"] = {"base": [{**answer, "seconds": 50.0}], "tuned": [{**answer, "seconds": 40.0}],
+                          "tuned-static": [{**answer, "seconds": 60.0}], "adapter": "runs/demo/adapter"}
+    lines = {line["name"]: line for line in run.summary_lines(results)}
+    assert lines["tuned_vs_base_tokens_per_s"]["ratio"] == 1.25
+    assert lines["continuous_vs_static"]["ratio"] == 1.5 and "continuous vs static" in lines["continuous_vs_static"]["unit"]
 
 
 def test_train_vs_trl_reports_the_ratio_and_both_losses():

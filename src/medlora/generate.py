@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
+from medlora.batching import Finished, RefillLoop, Request
 from medlora.config import GenerationArgs
 from medlora.templates import END_OF_TURN_TOKENS, Template
 
@@ -169,22 +171,44 @@ class Generator:
         return StopStringCriteria(self.tokenizer, self.template.stop_strings)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], gen: GenerationArgs, batch_size: int = 8, progress: bool = False
-                 ) -> list[Answer]:
-        """Answers in the order of `prompts`; batches are formed from prompts of similar length. `progress` shows a
-        progress bar (stderr) counting answers."""
+    def generate(self, prompts: list[str], gen: GenerationArgs, batch_size: int = 8, progress: bool = False,
+                 continuous: bool = True) -> list[Answer]:
+        """Answers in the order of `prompts`, longest prompts first, `batch_size` rows at a time. Greedy and sampled
+        answers use continuous batching (medlora.batching: a row whose answer ended is refilled at once); beam search,
+        or `continuous=False`, runs static batches of prompts of similar length through `generate`. `progress` shows
+        a progress bar (stderr) counting answers."""
         from tqdm.auto import tqdm
 
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        ids = self.tokenizer(prompts, add_special_tokens=self.template.add_special_tokens)["input_ids"]
+        order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
         answers: list[Answer | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), unit="answer", disable=not progress or len(prompts) <= batch_size) as bar:
+            if continuous and gen.num_beams == 1:
+                waiting = deque(order)
+
+                def take(n: int) -> list[Request]:
+                    return [Request(ids[i], gen, tag=i) for i in (waiting.popleft() for _ in range(min(n, len(waiting))))]
+
+                def finish(done: Finished) -> None:
+                    answers[done.request.tag] = self._to_answer(done.tokens, done.seconds)
+                    bar.update(1)
+
+                self.refill_loop(batch_size).run(take, finish)
+                return answers
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 for index, answer in zip(batch, self._generate_batch([prompts[i] for i in batch], gen)):
                     answers[index] = answer
                 bar.update(len(batch))
         return answers
+
+    def refill_loop(self, max_rows: int) -> RefillLoop:
+        """The continuous-batching loop over this model, ending answers at its end tokens and stop strings."""
+        stop = None
+        if self.template.stop_strings:
+            def stop(tokens: list[int]) -> bool:
+                return bool(self._section_stop(torch.tensor([tokens], device=self.device), None)[0])
+        return RefillLoop(self.model, self.eos_ids, self.tokenizer.pad_token_id, max_rows, stop)
 
     def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
         encoded = self._encode(prompts)
@@ -202,6 +226,12 @@ class Generator:
         by_marker = any(marker in text for marker in self.template.stop_strings)
         by_eos = ended is not None and not by_marker
         return Answer(self.template.extract_response(text), len(kept) + by_eos, by_eos, seconds)
+
+    def pieces(self, streamer: "CountingStreamer", stop_event: threading.Event, stops: tuple[str, ...] = ()
+               ) -> Iterator[str]:
+        """The text of `streamer`'s tokens in pieces, stripped and cut at the template's stop markers and at `stops`;
+        reaching one sets `stop_event`."""
+        return strip_pieces(cut_at_markers(strip_pieces(streamer), [*self.template.stop_strings, *stops], stop_event))
 
     def stream(self, prompt: str, gen: GenerationArgs, stop_event: threading.Event | None = None,
                stops: tuple[str, ...] = (), stats: "StreamStats | None" = None) -> Iterator[str]:
@@ -231,8 +261,7 @@ class Generator:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         try:
-            markers = [*self.template.stop_strings, *stops]
-            yield from strip_pieces(cut_at_markers(strip_pieces(streamer), markers, stop_event))
+            yield from self.pieces(streamer, stop_event, stops)
             if stats is not None:  # the streamer is drained: generation is over
                 stats.n_tokens, stats.ended_by_eos, stats.stopped = (streamer.n_tokens, streamer.ended_by_eos,
                                                                      stop_event.is_set())

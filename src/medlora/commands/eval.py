@@ -102,8 +102,8 @@ def read_results(path: str, limit: int) -> list[dict]:
 
 def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batch_size: int) -> Path:
     """Where the base model's answers are kept for a later run that asks the same: the same base (name, config and
-    weight files), dtype, template, knowledge content, records, generation settings, batch size and library
-    versions (greedy answers on the same machine are then the same). In $MEDLORA_HOME/answers."""
+    weight files), dtype, template, knowledge content, records, generation settings, batch size, kind of batching
+    and library versions (greedy answers on the same machine are then the same). In $MEDLORA_HOME/answers."""
     import hashlib
 
     import torch
@@ -120,6 +120,7 @@ def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batc
                       "template": template.to_dict(), "system": template.system,
                       "knowledge": knowledge.sha256 if knowledge else None,
                       "records": records, "generation": gen.to_generate_kwargs(), "batch_size": batch_size,
+                      "batching": "continuous" if gen.num_beams == 1 else "static",
                       "versions": [__version__, torch.__version__, transformers.__version__]},
                      ensure_ascii=False, sort_keys=True, default=str)
     return medlora_home() / "answers" / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.jsonl"

@@ -1,10 +1,11 @@
 """The serving engine: one base model with its LoRA adapters, answered by one worker thread.
 
 One worker thread owns the model, so generation never runs on the event loop and never runs twice at once.
-Requests that arrive while it is busy wait in a queue; the worker takes the oldest one plus every queued request
-for the same model with the same settings (up to `max_batch_size`) and answers them with one left-padded
-`generate` call. A streaming request is answered alone, token by token; a client that goes away sets its cancel
-event, which stops the generation at the next token. Also here: turning chat messages into a prompt, and the
+Requests wait in a queue; the worker answers them with continuous batching (medlora.batching): one refill loop per
+model takes the requests for that model from the head of the queue, up to `max_batch_size` rows at a time, each
+with its own settings, and gives a row's place to the next request as soon as its answer ends. Streamed answers
+are rows like the others; their tokens become text events on a thread of their own. A client that goes away sets
+its cancel event, which ends its row at the next step. Also here: turning chat messages into a prompt, and the
 errors and bounds the HTTP layer (`medlora.serve.api`) answers with.
 """
 
@@ -21,11 +22,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from fastapi.responses import JSONResponse
 
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
-from medlora.generate import Generator, StreamStats
+from medlora.batching import Finished, Request
+from medlora.generate import CountingStreamer, Generator
 from medlora.templates import Template, cut_at
 
 if TYPE_CHECKING:
@@ -98,13 +101,41 @@ class _Job:
     stream: bool
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
-    @property
-    def batch_key(self) -> tuple:
-        return (self.request.model, dataclasses.astuple(self.request.gen))
+    _streamer: CountingStreamer | None = None
+    _pump: threading.Thread | None = None
+    _reason: str = "stop"
+    _failed: bool = False
+
+    def start_stream(self, generator: Generator) -> Callable[[int], None]:
+        """Start the thread that turns this job's tokens into text events; returns what takes each new token."""
+        self._streamer = streamer = CountingStreamer(generator.tokenizer, generator.eos_ids)
+        streamer.next_tokens_are_prompt = False
+        self._pump = threading.Thread(target=self._emit_pieces, args=(generator,), daemon=True)
+        self._pump.start()
+        return lambda token: streamer.put(torch.tensor([token]))
+
+    def _emit_pieces(self, generator: Generator) -> None:
+        pieces = []
+        for piece in generator.pieces(self._streamer, self.cancel, self.request.stop):
+            pieces.append(piece)
+            self.emit("text", piece)
+        if not self._failed:
+            reason = "length" if self._reason == "length" and not self.cancel.is_set() else "stop"
+            self.emit("done", Output("".join(pieces), self._streamer.n_tokens, reason))
+
+    def end_stream(self, reason: str) -> None:
+        self._reason = reason
+        self._streamer.end()
+
+    def fail(self, exc: Exception) -> None:
+        self._failed = True
+        if self._streamer is not None:
+            self._streamer.end()
+        self.emit("error", exc)
 
 
 class Engine:
-    """One base model with its adapters, served by a single worker thread that batches queued requests.
+    """One base model with its adapters, served by a single worker thread that batches requests continuously.
 
     Models are named: the base by its `--base_model` name (alias `base`), each adapter by its own name. Names are
     only ever looked up in this table, never used as paths.
@@ -237,46 +268,60 @@ class Engine:
             self._worker.join(timeout)
 
     def _work(self) -> None:
-        while (jobs := self._next_jobs()) is not None:
-            self._running = jobs
+        """Serve the oldest request's model with one refill loop until no request for it is left at the head of the
+        queue, then the next model's (first come, first served; adapters switch between loops only)."""
+        while (name := self._next_model()) is not None:
             try:
-                self._run(jobs)
-                self.served, self.generate_calls = self.served + len(jobs), self.generate_calls + 1
+                with self._use_model(name):
+                    self.generators[name].refill_loop(self.max_batch_size).run(
+                        lambda n: self._take(name, n), self._finish)
+                self.generate_calls += 1
             except Exception as exc:  # every failure goes to its requests; the worker lives on
                 logger.exception("generation failed")
-                for job in jobs:
-                    job.emit("error", exc)
-            finally:
+                for job in self._running:
+                    job.fail(exc)
                 self._running = []
 
-    def _next_jobs(self) -> list[_Job] | None:
-        """The oldest live job, plus queued non-streaming jobs it can share a batch with; None once closed."""
+    def _next_model(self) -> str | None:
+        """The model of the oldest live request (waiting for one); None once closed."""
         with self._wakeup:
             while True:
                 while not self._pending and not self._closed:
                     self._wakeup.wait()
                 if self._closed:
                     return None
-                first = self._pending.popleft()
-                if not first.cancel.is_set():
-                    break
-            if first.stream:
-                return [first]
-            batch = [first]
-            for job in list(self._pending):
-                if len(batch) < self.max_batch_size and not job.stream and job.batch_key == first.batch_key:
-                    self._pending.remove(job)
-                    if not job.cancel.is_set():
-                        batch.append(job)
-            return batch
+                if not self._pending[0].cancel.is_set():
+                    return self._pending[0].request.model
+                self._pending.popleft()
 
-    def _run(self, jobs: list[_Job]) -> None:
-        name = jobs[0].request.model
-        with self._use_model(name):
-            if jobs[0].stream:
-                self._run_stream(jobs[0])
-            else:
-                self._run_batch(jobs)
+    def _take(self, name: str, n: int) -> list[Request]:
+        """Up to `n` requests for model `name` from the head of the queue (a client gone away is skipped)."""
+        jobs = []
+        with self._wakeup:
+            while self._pending and len(jobs) < n and not self._closed and self._pending[0].request.model == name:
+                job = self._pending.popleft()
+                if not job.cancel.is_set():
+                    jobs.append(job)
+            self._running += jobs
+        generator = self.generators[name]
+        requests = []
+        for job in jobs:
+            ids = generator.tokenizer(job.request.prompt, add_special_tokens=generator.template.add_special_tokens)
+            on_token = job.start_stream(generator) if job.stream else None
+            requests.append(Request(ids["input_ids"], job.request.gen, job, on_token, job.cancel))
+        return requests
+
+    def _finish(self, done: Finished) -> None:
+        job: _Job = done.request.tag
+        self._running.remove(job)
+        self.served += 1
+        if job.stream:
+            job.end_stream(done.reason)
+            return
+        answer = self.generators[job.request.model]._to_answer(done.tokens, done.seconds)
+        text, was_cut = cut_at(answer.text, job.request.stop)
+        reason = "stop" if answer.ended_by_eos or was_cut else "length"
+        job.emit("done", Output(text, answer.n_tokens, reason))
 
     @contextmanager
     def _use_model(self, name: str):
@@ -292,24 +337,6 @@ class Engine:
             context = nullcontext()
         with context:
             yield
-
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        first = jobs[0].request
-        answers = self.generators[first.model].generate([job.request.prompt for job in jobs], first.gen,
-                                                        batch_size=self.max_batch_size)
-        for job, answer in zip(jobs, answers):
-            text, was_cut = cut_at(answer.text, job.request.stop)
-            reason = "stop" if answer.ended_by_eos or was_cut else "length"
-            job.emit("done", Output(text, answer.n_tokens, reason))
-
-    def _run_stream(self, job: _Job) -> None:
-        generator, request = self.generators[job.request.model], job.request
-        stats, pieces = StreamStats(), []
-        for piece in generator.stream(request.prompt, request.gen, job.cancel, stops=request.stop, stats=stats):
-            pieces.append(piece)
-            job.emit("text", piece)
-        reason = "stop" if stats.stopped or stats.ended_by_eos else "length"
-        job.emit("done", Output("".join(pieces), stats.n_tokens, reason))
 
 
 class _LoopSink:

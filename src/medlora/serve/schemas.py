@@ -158,7 +158,8 @@ class Health(BaseModel):
     models: list[str]
     queue: int = Field(description="requests waiting or running")
     served: int = Field(description="requests answered since start")
-    generate_calls: int = Field(description="batched generate calls that answered them")
+    generate_calls: int = Field(description="batch loops that answered them (a loop takes in every request for its "
+                                                "model that arrives while it runs)")
 
 
 class ErrorDetail(BaseModel):

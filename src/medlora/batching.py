@@ -1,0 +1,221 @@
+"""Continuous batching: one refill loop, shared by `medlora eval`/`infer` (Generator.generate) and the server.
+
+A static batch runs until its longest answer ends, so rows whose answers ended early idle (the tuned model's short
+answers made its tokens/s lower than the base's). Here a row leaves the batch as soon as its answer ends and a
+waiting request takes its place at once: the newcomers' prompts are prefilled together, their key/value cache is
+left-padded to the running batch's length and joined to it, and from then on every step decodes one token for every
+row. Columns that have become padding for every row are dropped, so the cache never grows past the longest row.
+
+Each row keeps its own settings (sampling, max_new_tokens, the three penalties on its own answer's tokens), its own
+stop test and its own cancel event, so requests with different settings share one batch. Greedy answers are those
+of a static `generate` call (tested on tiny-qwen2). Beam search is not done here (Generator keeps `generate` for it).
+
+The cache is a `DynamicCache` without sliding-window layers: a sliding-window layer keeps only the last window of
+columns, which cannot be left-padded and joined; the model's sliding-window mask still limits what each query sees.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from medlora.config import GenerationArgs
+
+
+@dataclass
+class Request:
+    """One prompt to answer. `on_token` receives each new token id (streaming); setting `cancel` ends the answer at
+    the next step; `tag` is the caller's own (an index, a job)."""
+
+    ids: list[int]
+    gen: GenerationArgs
+    tag: object = None
+    on_token: Callable[[int], None] | None = None
+    cancel: threading.Event | None = None
+
+
+@dataclass
+class Finished:
+    request: Request
+    tokens: list[int]  # the answer's tokens, the ending EOS included
+    reason: str  # "eos", "stop" (a stop test or the cancel event) or "length"
+    seconds: float  # this row's share of the loop's time (the shares add up to the loop's wall time)
+
+
+@dataclass
+class _Row:
+    request: Request
+    tokens: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class RefillLoop:
+    """Continuous batching over `model` (eval mode, no beam search) with at most `max_rows` rows at a time.
+
+    `eos_ids` end an answer; `stop(ids)` (optional) says whether an answer must end after its latest token, given
+    the prompt's and the answer's tokens (a template's stop strings, which may begin in the prompt); `pad_id` fills the padding columns."""
+
+    def __init__(self, model, eos_ids: set[int], pad_id: int, max_rows: int = 8,
+                 stop: Callable[[list[int]], bool] | None = None):
+        self.model, self.eos_ids, self.pad_id = model, set(eos_ids), pad_id
+        self.max_rows, self.stop = max_rows, stop
+        self.steps = 0  # decode steps taken (forward calls after the prefills)
+
+    @torch.inference_mode()
+    def run(self, take: Callable[[int], list[Request]], finish: Callable[[Finished], None]) -> None:
+        """Answer requests until none is left: `take(n)` gives up to `n` new ones (it may wait for work while the
+        batch is empty, and returns [] to end the loop); `finish` gets each answer as soon as it ends."""
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        rows: list[_Row] = []
+        cache, mask = None, None
+        last = None  # [rows, 1]: each row's latest token
+        while True:
+            free = self.max_rows - len(rows)
+            new = [_Row(r) for r in take(free)] if free else []
+            if not rows and not new:
+                return
+            if new:
+                started = time.perf_counter()
+                new_cache, new_mask, logits = self._prefill([row.request.ids for row in new], device, DynamicCache)
+                share = (time.perf_counter() - started) / len(new)
+                for row in new:
+                    row.seconds += share
+                if rows:
+                    cache, mask = _join(cache, mask, new_cache, new_mask)
+                else:
+                    cache, mask = new_cache, new_mask
+                first = self._next_tokens(new, logits)
+                last = first if not rows else torch.cat([last, first])
+                rows += new
+                rows, cache, mask, last = self._retire(rows, cache, mask, last, finish)
+                continue  # fill any slot the prefill freed before the next step
+            started = time.perf_counter()
+            positions = mask.sum(-1, keepdim=True)  # each row's real tokens so far: the new one's position
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
+            width = mask.shape[1]
+            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, cache_position=torch.tensor([width - 1], device=device),
+                             logits_to_keep=1)
+            last = self._next_tokens(rows, out.logits[:, -1, :])
+            self.steps += 1
+            share = (time.perf_counter() - started) / len(rows)
+            for row in rows:
+                row.seconds += share
+            rows, cache, mask, last = self._retire(rows, cache, mask, last, finish)
+
+    def _prefill(self, prompts: list[list[int]], device, cache_class):
+        width = max(len(ids) for ids in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        cache = cache_class()
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, cache_position=torch.arange(width, device=device), logits_to_keep=1)
+        return out.past_key_values, mask, out.logits[:, -1, :]
+
+    def _next_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its logits, after its own penalties and sampling settings."""
+        scores = logits.to(dtype=torch.float32, copy=True)
+        for i, row in enumerate(rows):
+            gen, answer = row.request.gen, row.tokens
+            if answer and (gen.repetition_penalty != 1.0 or gen.frequency_penalty or gen.presence_penalty):
+                scores[i] = penalised(scores[i], answer, gen)
+        greedy = torch.argmax(scores, dim=-1)
+        sampled = [i for i, row in enumerate(rows) if row.request.gen.do_sample]
+        for i in sampled:
+            greedy[i] = sample(scores[i], rows[i].request.gen)
+        for row, token in zip(rows, greedy.tolist()):
+            row.tokens.append(token)
+            if row.request.on_token is not None:
+                row.request.on_token(token)
+        return greedy.unsqueeze(-1)
+
+    def _retire(self, rows, cache, mask, last, finish):
+        """Hand ended rows to `finish` and drop them (and the columns no remaining row uses) from the batch."""
+        keep = []
+        for i, row in enumerate(rows):
+            reason = self._ended(row)
+            if reason is None:
+                keep.append(i)
+            else:
+                finish(Finished(row.request, row.tokens, reason, row.seconds))
+        if len(keep) == len(rows):
+            return rows, cache, mask, last
+        rows = [rows[i] for i in keep]
+        if not rows:
+            return [], None, None, None
+        index = torch.tensor(keep, device=mask.device)
+        mask, last = mask[index], last[index]
+        lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding in every row
+        mask = mask[:, lead:]
+        for layer in cache.layers:
+            if getattr(layer, "is_initialized", True) and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+        return rows, cache, mask, last
+
+    def _ended(self, row: _Row) -> str | None:
+        if row.tokens and row.tokens[-1] in self.eos_ids:
+            return "eos"
+        if (row.request.cancel is not None and row.request.cancel.is_set()) or (self.stop and self.stop(row.request.ids + row.tokens)):
+            return "stop"
+        if len(row.tokens) >= row.request.gen.max_new_tokens:
+            return "length"
+        return None
+
+
+def _join(cache, mask, new_cache, new_mask):
+    """The running batch's cache and mask with the newcomers' appended as more rows, both left-padded to one width."""
+    width = max(mask.shape[1], new_mask.shape[1])
+    for layer, new in zip(cache.layers, new_cache.layers):
+        if getattr(layer, "is_initialized", True) and layer.keys.numel():
+            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
+            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
+    return cache, torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)])
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the sequence axis (the last but one of a cache tensor, the last of a mask) up to `width`."""
+    axis = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[axis]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+def penalised(scores: torch.Tensor, answer: list[int], gen: GenerationArgs) -> torch.Tensor:
+    """One row's scores after the penalties on its answer's own tokens, as `generate` applies them in Generator:
+    the repetition penalty first (transformers' rule), then OpenAI's frequency and presence penalties."""
+    tokens = torch.tensor(answer, device=scores.device)
+    if gen.repetition_penalty != 1.0:
+        seen = scores.gather(0, tokens)
+        seen = torch.where(seen < 0, seen * gen.repetition_penalty, seen / gen.repetition_penalty)
+        scores = scores.scatter(0, tokens, seen)
+    if gen.frequency_penalty or gen.presence_penalty:
+        counts = torch.zeros_like(scores).scatter_add_(0, tokens, torch.ones_like(tokens, dtype=scores.dtype))
+        scores = scores - gen.frequency_penalty * counts - gen.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
+def sample(scores: torch.Tensor, gen: GenerationArgs) -> int:
+    """A token drawn from one row's scores with its temperature, top-k and top-p (transformers' warpers)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    row = scores.unsqueeze(0)
+    row = TemperatureLogitsWarper(gen.temperature)(None, row)
+    if gen.top_k:
+        row = TopKLogitsWarper(gen.top_k)(None, row)
+    if gen.top_p < 1.0:
+        row = TopPLogitsWarper(gen.top_p)(None, row)
+    return int(torch.multinomial(torch.softmax(row, dim=-1), 1))

@@ -1,0 +1,107 @@
+"""Continuous batching (medlora.batching): the refill loop shared by eval/infer and the server."""
+
+import threading
+
+import pytest
+import torch
+
+import medlora.batching as batching
+from medlora.batching import Request
+from medlora.config import GenerationArgs
+from medlora.generate import Generator
+
+PROMPTS = ["头痛", "发烧三天了怎么办？", "糖尿病人能吃什么水果", "咳嗽", "孩子晚上睡不着觉，白天没精神，需要看医生吗？",
+           "高血压要吃一辈子药吗", "胃疼", "感冒和流感有什么区别？哪个更严重？", "腰痛", "过敏性鼻炎怎么治"]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model):
+    return Generator.load(tiny_model, dtype="fp32")
+
+
+def _answer_tokens(generator, prompts, gen) -> list[list[int]]:
+    """Each prompt's greedy answer tokens from a static `generate` call."""
+    encoded = generator._encode(prompts)
+    out = generator.model.generate(**encoded, **generator._generate_kwargs(gen, encoded["input_ids"].shape[1]))
+    return out[:, encoded["input_ids"].shape[1]:].tolist()
+
+
+def test_refilled_rows_give_the_static_batches_greedy_answers(generator, monkeypatch):
+    gen = GenerationArgs(max_new_tokens=24, frequency_penalty=0.5)
+    # The random model never ends an answer: make two of its tokens end-of-answer, so rows end at different steps.
+    plain = _answer_tokens(generator, PROMPTS, gen)
+    monkeypatch.setattr(generator, "eos_ids", {plain[0][5], plain[3][11]})
+    joins = []
+    real_join = batching._join
+    monkeypatch.setattr(batching, "_join", lambda *args: joins.append(1) or real_join(*args))
+    static = generator.generate(PROMPTS, gen, batch_size=3, continuous=False)
+    continuous = generator.generate(PROMPTS, gen, batch_size=3)
+    assert len({a.n_tokens for a in static}) >= 3 and any(a.ended_by_eos for a in static)  # lengths differ
+    assert not all(a.ended_by_eos for a in static)
+    assert joins  # newcomers joined rows that were still running
+    assert [(a.text, a.n_tokens, a.ended_by_eos) for a in continuous] == [
+        (a.text, a.n_tokens, a.ended_by_eos) for a in static]
+
+
+def test_each_row_keeps_its_own_settings_and_penalties(generator):
+    settings = [GenerationArgs(max_new_tokens=12, repetition_penalty=1e4),
+                GenerationArgs(max_new_tokens=20, frequency_penalty=1.5, presence_penalty=0.5),
+                GenerationArgs(max_new_tokens=5),
+                GenerationArgs(max_new_tokens=9, presence_penalty=2.0)]
+    prompts = PROMPTS[:4]
+    alone = [_answer_tokens(generator, [p], gen)[0] for p, gen in zip(prompts, settings)]
+    assert len({tuple(tokens) for tokens in alone}) == 4
+    waiting = [Request(generator.tokenizer(p)["input_ids"], gen, tag=i)
+               for i, (p, gen) in enumerate(zip(prompts, settings))]
+    done = {}
+    generator.refill_loop(2).run(lambda n: [waiting.pop(0) for _ in range(min(n, len(waiting)))],
+                                 lambda finished: done.update({finished.request.tag: finished}))
+    assert [done[i].tokens for i in range(4)] == alone
+    assert [done[i].reason for i in range(4)] == ["length"] * 4
+    assert len(set(done[0].tokens)) == len(done[0].tokens)  # the prohibitive repetition penalty held in the batch
+
+
+def test_columns_no_row_uses_are_dropped(generator):
+    """Once the long prompt's row ends, the batch is no wider than the short rows need."""
+    widths = []
+    handle = generator.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["attention_mask"].shape[1]), with_kwargs=True)
+    tokenizer = generator.tokenizer
+    long_ids = tokenizer("一个很长的问题" * 12)["input_ids"]
+    short_ids = tokenizer("头痛")["input_ids"]
+    waiting = [Request(long_ids, GenerationArgs(max_new_tokens=2)),
+               Request(short_ids, GenerationArgs(max_new_tokens=30))]
+    try:
+        generator.refill_loop(2).run(lambda n: [waiting.pop(0) for _ in range(min(n, len(waiting)))], lambda f: None)
+    finally:
+        handle.remove()
+    assert widths[0] == len(long_ids) and max(widths) >= len(long_ids) + 1
+    assert widths[-1] == len(short_ids) + 29  # the long row's columns are gone
+
+
+def test_a_cancelled_row_ends_at_the_next_step_and_its_neighbours_go_on(generator):
+    cancel = threading.Event()
+    seen = []
+
+    def on_token(token):
+        seen.append(token)
+        if len(seen) == 3:
+            cancel.set()
+
+    ids = [generator.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    waiting = [Request(ids[0], GenerationArgs(max_new_tokens=20), "cancelled", on_token, cancel),
+               Request(ids[1], GenerationArgs(max_new_tokens=20), "other")]
+    done = {}
+    generator.refill_loop(2).run(lambda n: [waiting.pop(0) for _ in range(min(n, len(waiting)))],
+                                 lambda f: done.update({f.request.tag: f}))
+    assert done["cancelled"].reason == "stop" and done["cancelled"].tokens == seen and len(seen) == 3
+    assert done["other"].reason == "length" and len(done["other"].tokens) == 20
+
+
+def test_sampled_rows_follow_the_seed(generator):
+    gen = GenerationArgs(max_new_tokens=8, do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append([a.text for a in generator.generate(PROMPTS[:4], gen, batch_size=2)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
