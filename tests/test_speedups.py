@@ -109,12 +109,16 @@ def test_batched_merged_greedy_answers_equal_one_by_one_unmerged(tiny_model, tin
 def test_generate_feeds_the_lm_head_contiguous_rows(tiny_model):
     # generate's prefill projects hidden[:, -1:, :], a strided view that torch's matmul serves by copying the whole
     # LM head (30 s and 4.5 GB per batch for Gemma's head); the Generator's hook hands the head contiguous rows
+    # (with one row too: a [1, 1, hidden] view of a longer sequence counts as contiguous but keeps its strides)
     generator = Generator.load(tiny_model)
     seen = []
     generator.model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
-    generator.generate(["短问题", "一个长得多的问题，需要更多的词元来描述它"], GenerationArgs(max_new_tokens=3), batch_size=2)
-    assert seen and seen[0][0][0] == 2 and all(contiguous for _, contiguous in seen)
+        lambda module, args, output: seen.append((tuple(args[0].shape), args[0].stride())))
+    prompts = ["短问题", "一个长得多的问题，需要更多的词元来描述它"]
+    for batch_size, continuous in ((2, False), (1, False), (2, True), (1, True)):
+        generator.generate(prompts, GenerationArgs(max_new_tokens=3), batch_size=batch_size, continuous=continuous)
+    assert {shape[0] for shape, _ in seen} == {1, 2}
+    assert all(stride == torch.empty(shape).stride() for shape, stride in seen)
 
 
 def test_busy_cores_sees_another_process_and_threads_leave_it_alone(monkeypatch):
