@@ -329,7 +329,8 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
     trainers = ("ref", "ours", "trl") if trl_installed() else ("ref", "ours")
     results = {"peak": run_worker("peak"), "train": {impl: [] for impl in trainers}, "val": {},
                "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": [], "val_speed": [],
-               "answers": {"base": [], "tuned": [], "tuned-static": []}, "measured": {}, "settings": {"n_train": n_train, "runs": runs}}
+               "answers": {"base": [], "tuned": [], "tuned-static": []}, "measured": {},
+               "settings": {"n_train": n_train, "runs": runs}}
     for part in PARTS:
         if part in parts:
             results["measured"][part] = today

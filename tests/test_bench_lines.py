@@ -47,7 +47,8 @@ def test_answer_lines_compare_tuned_with_base_and_continuous_with_static_batches
                           "tuned-static": [{**answer, "seconds": 60.0}], "adapter": "runs/demo/adapter"}
     lines = {line["name"]: line for line in run.summary_lines(results)}
     assert lines["tuned_vs_base_tokens_per_s"]["ratio"] == 1.25
-    assert lines["continuous_vs_static"]["ratio"] == 1.5 and "continuous vs static" in lines["continuous_vs_static"]["unit"]
+    line = lines["continuous_vs_static"]
+    assert line["ratio"] == 1.5 and "continuous vs static" in line["unit"]
 
 
 def test_train_vs_trl_reports_the_ratio_and_both_losses():

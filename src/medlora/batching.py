@@ -57,7 +57,8 @@ class RefillLoop:
     """Continuous batching over `model` (eval mode, no beam search) with at most `max_rows` rows at a time.
 
     `eos_ids` end an answer; `stop(ids)` (optional) says whether an answer must end after its latest token, given
-    the prompt's and the answer's tokens (a template's stop strings, which may begin in the prompt); `pad_id` fills the padding columns."""
+    the prompt's and the answer's tokens (a template's stop strings, which may begin in the prompt); `pad_id` fills
+    the padding columns."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, max_rows: int = 8,
                  stop: Callable[[list[int]], bool] | None = None):
@@ -166,7 +167,8 @@ class RefillLoop:
     def _ended(self, row: _Row) -> str | None:
         if row.tokens and row.tokens[-1] in self.eos_ids:
             return "eos"
-        if (row.request.cancel is not None and row.request.cancel.is_set()) or (self.stop and self.stop(row.request.ids + row.tokens)):
+        cancel = row.request.cancel
+        if (cancel is not None and cancel.is_set()) or (self.stop and self.stop(row.request.ids + row.tokens)):
             return "stop"
         if len(row.tokens) >= row.request.gen.max_new_tokens:
             return "length"

@@ -189,7 +189,7 @@ class Generator:
                 waiting = deque(order)
 
                 def take(n: int) -> list[Request]:
-                    return [Request(ids[i], gen, tag=i) for i in (waiting.popleft() for _ in range(min(n, len(waiting))))]
+                    return [Request(ids[waiting[0]], gen, tag=waiting.popleft()) for _ in range(min(n, len(waiting)))]
 
                 def finish(done: Finished) -> None:
                     answers[done.request.tag] = self._to_answer(done.tokens, done.seconds)
