@@ -16,7 +16,7 @@ PROMPTS = ["头痛", "发烧三天了怎么办？", "糖尿病人能吃什么水
 
 @pytest.fixture(scope="module")
 def generator(tiny_model):
-    return Generator.load(tiny_model, dtype="fp32")
+    return Generator.load(tiny_model, prompt_template="med_template", dtype="fp32")  # a template with stop strings
 
 
 def _answer_tokens(generator, prompts, gen) -> list[list[int]]:
@@ -105,3 +105,15 @@ def test_sampled_rows_follow_the_seed(generator):
         torch.manual_seed(7)
         runs.append([a.text for a in generator.generate(PROMPTS[:4], gen, batch_size=2)])
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
+def test_the_batched_stop_test_is_the_criterion_on_each_whole_sequence(generator):
+    """The loop asks once per step for all rows, with each row's prompt and answer; rows of any length."""
+    assert generator.template.stop_strings
+    tokenizer = generator.tokenizer
+    marker = generator.template.stop_strings[0]
+    texts = ["头痛要休息", "答：多喝水" + marker, marker[:-1], "发烧" + marker + "就医", marker]
+    sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    stop = generator.refill_loop(4).stop
+    one_by_one = [bool(generator._section_stop(torch.tensor([ids]), None)[0]) for ids in sequences]
+    assert stop(sequences) == one_by_one == [False, True, False, False, True]

@@ -229,15 +229,20 @@ def test_results_without_golden_answers_are_refused_naming_the_field(tmp_path, c
 
 
 def test_the_base_models_answers_are_reused_by_a_run_that_asks_the_same(tiny_model, tiny_records_file, tmp_path,
-                                                                         caplog):
+                                                                         caplog, monkeypatch):
     from medlora.cli import main
 
     args = ["eval", "--base_model", tiny_model, "--data", str(tiny_records_file), "--max_new_tokens", "3",
             "--dtype", "fp32", "--show", "0", "--batch_size", "3"]
     reused = "base's answers are those of an earlier run with the same model, data and settings"
+    import medlora.commands.eval as eval_command
+
+    digest = eval_command.source_digest()
     with caplog.at_level("INFO", logger="medlora"):
-        for run, extra in (("a", []), ("b", []), ("c", ["--answer_cache", "false"])):  # c: asked not to
+        for run, extra in (("a", []), ("b", []), ("c", ["--answer_cache", "false"]), ("d", [])):  # c: asked not to
             caplog.clear()
+            if run == "d":  # medlora's code changed (retrieval or prompts may differ): answered again
+                monkeypatch.setattr(eval_command, "source_digest", lambda: digest[::-1])
             assert main([*args, *extra, "--out", str(tmp_path / run)]) == 0
             assert (reused in caplog.text) is (run == "b"), (run, caplog.text)
     results = [(tmp_path / run / "base" / "results.jsonl").read_text() for run in ("a", "b", "c")]

@@ -50,18 +50,19 @@ class Finished:
 class _Row:
     request: Request
     tokens: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # how often the answer holds each token
     seconds: float = 0.0
 
 
 class RefillLoop:
     """Continuous batching over `model` (eval mode, no beam search) with at most `max_rows` rows at a time.
 
-    `eos_ids` end an answer; `stop(ids)` (optional) says whether an answer must end after its latest token, given
-    the prompt's and the answer's tokens (a template's stop strings, which may begin in the prompt); `pad_id` fills
-    the padding columns."""
+    `eos_ids` end an answer; `stop(sequences)` (optional) says for each row whether its answer must end after its
+    latest token, given each row's prompt and answer tokens (a template's stop strings, which may begin in the
+    prompt); `pad_id` fills the padding columns."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, max_rows: int = 8,
-                 stop: Callable[[list[int]], bool] | None = None):
+                 stop: Callable[[list[list[int]]], list[bool]] | None = None):
         self.model, self.eos_ids, self.pad_id = model, set(eos_ids), pad_id
         self.max_rows, self.stop = max_rows, stop
         self.steps = 0  # decode steps taken (forward calls after the prefills)
@@ -126,26 +127,24 @@ class RefillLoop:
 
     def _next_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token from its logits, after its own penalties and sampling settings."""
-        scores = logits.to(dtype=torch.float32, copy=True)
+        scores = penalised(logits.to(dtype=torch.float32, copy=True), rows)
+        chosen = torch.argmax(scores, dim=-1)
         for i, row in enumerate(rows):
-            gen, answer = row.request.gen, row.tokens
-            if answer and (gen.repetition_penalty != 1.0 or gen.frequency_penalty or gen.presence_penalty):
-                scores[i] = penalised(scores[i], answer, gen)
-        greedy = torch.argmax(scores, dim=-1)
-        sampled = [i for i, row in enumerate(rows) if row.request.gen.do_sample]
-        for i in sampled:
-            greedy[i] = sample(scores[i], rows[i].request.gen)
-        for row, token in zip(rows, greedy.tolist()):
+            if row.request.gen.do_sample:
+                chosen[i] = sample(scores[i], row.request.gen)
+        for row, token in zip(rows, chosen.tolist()):
             row.tokens.append(token)
+            row.counts[token] = row.counts.get(token, 0) + 1
             if row.request.on_token is not None:
                 row.request.on_token(token)
-        return greedy.unsqueeze(-1)
+        return chosen.unsqueeze(-1)
 
     def _retire(self, rows, cache, mask, last, finish):
         """Hand ended rows to `finish` and drop them (and the columns no remaining row uses) from the batch."""
+        stopped = self.stop([row.request.ids + row.tokens for row in rows]) if self.stop else [False] * len(rows)
         keep = []
-        for i, row in enumerate(rows):
-            reason = self._ended(row)
+        for i, (row, stop) in enumerate(zip(rows, stopped)):
+            reason = _ended(row, stop, self.eos_ids)
             if reason is None:
                 keep.append(i)
             else:
@@ -164,15 +163,15 @@ class RefillLoop:
                 layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
         return rows, cache, mask, last
 
-    def _ended(self, row: _Row) -> str | None:
-        if row.tokens and row.tokens[-1] in self.eos_ids:
-            return "eos"
-        cancel = row.request.cancel
-        if (cancel is not None and cancel.is_set()) or (self.stop and self.stop(row.request.ids + row.tokens)):
-            return "stop"
-        if len(row.tokens) >= row.request.gen.max_new_tokens:
-            return "length"
-        return None
+
+def _ended(row: _Row, stop: bool, eos_ids: set[int]) -> str | None:
+    if row.tokens and row.tokens[-1] in eos_ids:
+        return "eos"
+    if stop or (row.request.cancel is not None and row.request.cancel.is_set()):
+        return "stop"
+    if len(row.tokens) >= row.request.gen.max_new_tokens:
+        return "length"
+    return None
 
 
 def _join(cache, mask, new_cache, new_mask):
@@ -196,17 +195,26 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
-def penalised(scores: torch.Tensor, answer: list[int], gen: GenerationArgs) -> torch.Tensor:
-    """One row's scores after the penalties on its answer's own tokens, as `generate` applies them in Generator:
-    the repetition penalty first (transformers' rule), then OpenAI's frequency and presence penalties."""
-    tokens = torch.tensor(answer, device=scores.device)
-    if gen.repetition_penalty != 1.0:
-        seen = scores.gather(0, tokens)
-        seen = torch.where(seen < 0, seen * gen.repetition_penalty, seen / gen.repetition_penalty)
-        scores = scores.scatter(0, tokens, seen)
-    if gen.frequency_penalty or gen.presence_penalty:
-        counts = torch.zeros_like(scores).scatter_add_(0, tokens, torch.ones_like(tokens, dtype=scores.dtype))
-        scores = scores - gen.frequency_penalty * counts - gen.presence_penalty * (counts > 0).to(scores.dtype)
+def penalised(scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """The rows' scores after the penalties on each answer's own tokens, as Generator's `generate` applies them:
+    the repetition penalty first (transformers' rule), then OpenAI's frequency and presence penalties. Only the
+    scores of tokens an answer holds change, all rows in one indexed update."""
+    where, counts, settings = [], [], []
+    for i, row in enumerate(rows):
+        gen = row.request.gen
+        if gen.repetition_penalty != 1.0 or gen.frequency_penalty or gen.presence_penalty:
+            for token, count in row.counts.items():
+                where.append((i, token))
+                counts.append(count)
+                settings.append((gen.repetition_penalty, gen.frequency_penalty, gen.presence_penalty))
+    if not where:
+        return scores
+    index = tuple(torch.tensor(where, device=scores.device).T)
+    counts = torch.tensor(counts, dtype=scores.dtype, device=scores.device)
+    repetition, frequency, presence = torch.tensor(settings, dtype=scores.dtype, device=scores.device).T
+    seen = scores[index]
+    seen = torch.where(seen < 0, seen * repetition, seen / repetition)
+    scores[index] = seen - frequency * counts - presence
     return scores
 
 

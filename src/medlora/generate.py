@@ -206,11 +206,17 @@ class Generator:
 
     def refill_loop(self, max_rows: int) -> RefillLoop:
         """The continuous-batching loop over this model, ending answers at its end tokens and stop strings."""
-        stop = None
+        stop, pad = None, self.tokenizer.pad_token_id
         if self.template.stop_strings:
-            def stop(tokens: list[int]) -> bool:
-                return bool(self._section_stop(torch.tensor([tokens], device=self.device), None)[0])
-        return RefillLoop(self.model, self.eos_ids, self.tokenizer.pad_token_id, max_rows, stop)
+            width = self._section_stop.maximum_token_len  # what the criterion looks at of each row's end
+
+            def stop(sequences: list[list[int]]) -> list[bool]:
+                tails = torch.full((len(sequences), width), pad, dtype=torch.long)
+                for i, sequence in enumerate(sequences):
+                    tail = sequence[-width:]
+                    tails[i, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
+                return self._section_stop(tails.to(self.device), None).tolist()
+        return RefillLoop(self.model, self.eos_ids, pad, max_rows, stop)
 
     def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
         encoded = self._encode(prompts)

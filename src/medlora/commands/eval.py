@@ -100,10 +100,24 @@ def read_results(path: str, limit: int) -> list[dict]:
     return rows[:limit] if limit > 0 else rows
 
 
+def source_digest() -> str:
+    """sha256 over medlora's Python files (paths and contents)."""
+    import hashlib
+
+    import medlora
+
+    root = Path(medlora.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batch_size: int) -> Path:
     """Where the base model's answers are kept for a later run that asks the same: the same base (name, config and
-    weight files), dtype, template, knowledge content, records, generation settings, batch size, kind of batching
-    and library versions (greedy answers on the same machine are then the same). In $MEDLORA_HOME/answers."""
+    weight files), dtype, template, knowledge content, records, generation settings, batch size, kind of batching,
+    library versions and medlora's own code (a change to retrieval or prompt building changes the prompts while the
+    rest stays the same; greedy answers on the same machine are then the same). In $MEDLORA_HOME/answers."""
     import hashlib
 
     import torch
@@ -121,7 +135,8 @@ def answer_cache_file(margs, template, knowledge, records: list[dict], gen, batc
                       "knowledge": knowledge.sha256 if knowledge else None,
                       "records": records, "generation": gen.to_generate_kwargs(), "batch_size": batch_size,
                       "batching": "continuous" if gen.num_beams == 1 else "static",
-                      "versions": [__version__, torch.__version__, transformers.__version__]},
+                      "versions": [__version__, torch.__version__, transformers.__version__],
+                      "code": source_digest()},
                      ensure_ascii=False, sort_keys=True, default=str)
     return medlora_home() / "answers" / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.jsonl"
 
