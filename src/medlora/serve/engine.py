@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from fastapi.responses import JSONResponse
 
+from medlora.batching import Finished, Request
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
-from medlora.batching import Finished, Request
 from medlora.generate import CountingStreamer, Generator
 from medlora.templates import Template, cut_at
 
@@ -102,7 +102,6 @@ class _Job:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     _streamer: CountingStreamer | None = None
-    _pump: threading.Thread | None = None
     _reason: str = "stop"
     _failed: bool = False
 
@@ -110,8 +109,7 @@ class _Job:
         """Start the thread that turns this job's tokens into text events; returns what takes each new token."""
         self._streamer = streamer = CountingStreamer(generator.tokenizer, generator.eos_ids)
         streamer.next_tokens_are_prompt = False
-        self._pump = threading.Thread(target=self._emit_pieces, args=(generator,), daemon=True)
-        self._pump.start()
+        threading.Thread(target=self._emit_pieces, args=(generator,), daemon=True).start()
         return lambda token: streamer.put(torch.tensor([token]))
 
     def _emit_pieces(self, generator: Generator) -> None:
