@@ -75,9 +75,9 @@ def end_token_ids(model, tokenizer, template: Template) -> set[int]:
 def contiguous_head_input(model) -> None:
     """Give the LM head a freshly laid-out input. The model projects only each sequence's last position in a
     prefill, `hidden[:, -1:, :]`, a strided view, and torch's matmul serves that view by copying the whole head
-    (measured: 30 s and 4.5 GB per call for Gemma's 262k x 640 bf16 head with 16 rows, 1.2 s with one row, against
-    0.07 s once the rows are copied). `.contiguous()` is not enough: a view with one row counts as contiguous
-    (its size-1 dimensions are ignored) and keeps its strides."""
+    (measured: 30 s and 4.5 GB per call for Gemma's 262k x 640 bf16 head with 16 rows; 1.2 s with one row through a
+    merged adapter; 0.07 s once the rows are copied). `.contiguous()` is not enough: a view with one row counts as
+    contiguous (its size-1 dimensions are ignored) and keeps its strides."""
     head = model.get_output_embeddings()
     if head is None or getattr(head, "_medlora_contiguous_input", False):
         return
