@@ -94,7 +94,8 @@ def start_server(base_model: str, adapter: Path, port: int, log: Path) -> subpro
                f"tuned={adapter}", "--host", "127.0.0.1", "--port", str(port), "--dtype", "fp32"]
     with log.open("w") as handle:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "MEDLORA_API_KEY": ""})  # no key: loopback only
+                                env={k: v for k, v in os.environ.items() if k != "MEDLORA_API_KEY"})  # no key: loopback
+                                # only (an empty key is refused by the server, which would otherwise serve open)
 
 
 async def wait_until_up(client, url: str, proc: subprocess.Popen, log: Path, seconds: float = 300) -> None:

@@ -1,6 +1,7 @@
 """Continuous batching (medlora.batching): the refill loop shared by eval/infer and the server."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -117,3 +118,31 @@ def test_the_batched_stop_test_is_the_criterion_on_each_whole_sequence(generator
     stop = generator.refill_loop(4).stop
     one_by_one = [bool(generator._section_stop(torch.tensor([ids]), None)[0]) for ids in sequences]
     assert stop(sequences) == one_by_one == [False, True, False, False, True]
+
+
+def test_the_server_loop_takes_its_models_requests_until_another_model_has_waited_switch_after():
+    """The engine's refill loop admits queued requests for the running model from anywhere in the queue, but not
+    those that arrived after a request for another model that has waited `switch_after` seconds."""
+    import collections
+    import types
+
+    from medlora.serve.engine import Engine, GenerationRequest, _Job
+
+    engine = Engine.__new__(Engine)  # the queue logic only: no model
+    engine._wakeup, engine._closed, engine._running, engine.switch_after = threading.Condition(), False, [], 2.0
+    stub = types.SimpleNamespace(tokenizer=lambda text, add_special_tokens: {"input_ids": [len(text)]},
+                                 template=types.SimpleNamespace(add_special_tokens=False))
+    engine.generators = {"a": stub, "b": stub}
+
+    def job(model, queued_at):
+        return _Job(GenerationRequest(model, "问", GenerationArgs()), lambda *event: None, False, queued_at=queued_at)
+
+    now = time.monotonic()
+    for waited, expected in ((0.5, "a1 a2 a3"), (5.0, "a1")):  # b1 waited 0.5 s: fine; 5 s: its turn comes next
+        jobs = {"a1": job("a", now - waited - 1), "b1": job("b", now - waited), "a2": job("a", now - waited + 0.1),
+                "a3": job("a", now - waited + 0.2)}
+        engine._pending, engine._running = collections.deque(jobs.values()), []
+        taken = [request.tag for request in engine._take("a", 8)]
+        assert taken == [jobs[name] for name in expected.split()]
+        assert list(engine._pending) == [j for j in jobs.values() if j not in taken]
+    assert engine._take("a", 8) == []  # a2 and a3 wait behind b1

@@ -1,9 +1,10 @@
 """The serving engine: one base model with its LoRA adapters, answered by one worker thread.
 
 One worker thread owns the model, so generation never runs on the event loop and never runs twice at once.
-Requests wait in a queue; the worker answers them with continuous batching (medlora.batching): one refill loop per
-model takes the requests for that model from the head of the queue, up to `max_batch_size` rows at a time, each
-with its own settings, and gives a row's place to the next request as soon as its answer ends. Streamed answers
+Requests wait in a queue; the worker answers them with continuous batching (medlora.batching): a refill loop for
+the model of the oldest request takes the queued requests for that model, up to `max_batch_size` rows at a time,
+each with its own settings, and gives a row's place to the next request as soon as its answer ends; it stops
+taking more once a request for another model has waited `switch_after` seconds. Streamed answers
 are rows like the others; their tokens become text events on a thread of their own. A client that goes away sets
 its cancel event, which ends its row at the next step. Also here: turning chat messages into a prompt, and the
 errors and bounds the HTTP layer (`medlora.serve.api`) answers with.
@@ -16,6 +17,7 @@ import dataclasses
 import logging
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager, nullcontext
@@ -100,6 +102,7 @@ class _Job:
     emit: Callable[[str, object], None]  # called from the worker: ("text", str), ("done", Output), ("error", exc)
     stream: bool
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    queued_at: float = dataclasses.field(default_factory=time.monotonic)
 
     _streamer: CountingStreamer | None = None
     _reason: str = "stop"
@@ -150,6 +153,7 @@ class Engine:
                            for name, template in templates.items()}
         self.text_tokenizer = text_tokenizer or tokenizer  # request-side prompt building and counting only
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.switch_after = 2.0  # seconds a request for another model waits before the running loop stops taking more
         self.context_length = context_length
         self._text_lock = threading.Lock()  # a Rust tokenizer must not be used by two threads at once
         self._pending: deque[_Job] = deque()
@@ -266,8 +270,8 @@ class Engine:
             self._worker.join(timeout)
 
     def _work(self) -> None:
-        """Serve the oldest request's model with one refill loop until no request for it is left at the head of the
-        queue, then the next model's (first come, first served; adapters switch between loops only)."""
+        """Serve the oldest request's model with one refill loop until it has no request left to take, then the next
+        oldest request's model (adapters switch between loops only)."""
         while (name := self._next_model()) is not None:
             try:
                 with self._use_model(name):
@@ -293,13 +297,21 @@ class Engine:
                 self._pending.popleft()
 
     def _take(self, name: str, n: int) -> list[Request]:
-        """Up to `n` requests for model `name` from the head of the queue (a client gone away is skipped)."""
+        """Up to `n` queued requests for model `name`, oldest first (a client gone away is skipped). Requests that
+        arrived after one for another model are taken only until that one has waited `switch_after` seconds: then
+        the loop drains and the other model's turn comes (first come, first served)."""
         jobs = []
         with self._wakeup:
-            while self._pending and len(jobs) < n and not self._closed and self._pending[0].request.model == name:
-                job = self._pending.popleft()
-                if not job.cancel.is_set():
-                    jobs.append(job)
+            others = (job for job in self._pending if job.request.model != name and not job.cancel.is_set())
+            other = next(others, None)
+            overdue = other is not None and time.monotonic() - other.queued_at > self.switch_after
+            for job in list(self._pending):
+                if self._closed or len(jobs) >= n or (overdue and job.queued_at > other.queued_at):
+                    break
+                if job.request.model == name:
+                    self._pending.remove(job)
+                    if not job.cancel.is_set():
+                        jobs.append(job)
             self._running += jobs
         generator = self.generators[name]
         requests = []
