@@ -92,10 +92,10 @@ def make_adapter(folder: Path) -> Path:
 def start_server(base_model: str, adapter: Path, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "medlora.cli", "serve", "--base_model", base_model, "--lora_weights",
                f"tuned={adapter}", "--host", "127.0.0.1", "--port", str(port), "--dtype", "fp32"]
+    # No key (loopback only): MEDLORA_API_KEY unset, as the server refuses an empty key rather than serve open.
+    env = {k: v for k, v in os.environ.items() if k != "MEDLORA_API_KEY"}
     with log.open("w") as handle:
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                env={k: v for k, v in os.environ.items() if k != "MEDLORA_API_KEY"})  # no key: loopback
-                                # only (an empty key is refused by the server, which would otherwise serve open)
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
 async def wait_until_up(client, url: str, proc: subprocess.Popen, log: Path, seconds: float = 300) -> None:

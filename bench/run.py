@@ -488,11 +488,12 @@ LINES = [
     ("tuned_vs_base_tokens_per_s", _answers),
     ("continuous_vs_static", _continuous),
 ]
+NO_ADAPTER = "no adapter: train one (make demo) or measure the training part in the same run"
 SKIPPED = {
     "train_vs_trl": "TRL is not installed (the baseline is optional): pip install -e '.[bench-trl]' torch==2.13.0",
     "train_peak_gpu": "no CUDA device",
-    "tuned_vs_base_tokens_per_s": "no adapter: train one (make demo) or measure the training part in the same run",
-    "continuous_vs_static": "no adapter: train one (make demo) or measure the training part in the same run",
+    "tuned_vs_base_tokens_per_s": NO_ADAPTER,
+    "continuous_vs_static": NO_ADAPTER,
 }
 
 

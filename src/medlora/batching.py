@@ -65,14 +65,11 @@ class RefillLoop:
                  stop: Callable[[list[list[int]]], list[bool]] | None = None):
         self.model, self.eos_ids, self.pad_id = model, set(eos_ids), pad_id
         self.max_rows, self.stop = max_rows, stop
-        self.steps = 0  # decode steps taken (forward calls after the prefills)
 
     @torch.inference_mode()
     def run(self, take: Callable[[int], list[Request]], finish: Callable[[Finished], None]) -> None:
         """Answer requests until none is left: `take(n)` gives up to `n` new ones (it may wait for work while the
         batch is empty, and returns [] to end the loop); `finish` gets each answer as soon as it ends."""
-        from transformers import DynamicCache
-
         device = next(self.model.parameters()).device
         rows: list[_Row] = []
         cache, mask = None, None
@@ -84,10 +81,8 @@ class RefillLoop:
                 return
             if new:
                 started = time.perf_counter()
-                new_cache, new_mask, logits = self._prefill([row.request.ids for row in new], device, DynamicCache)
-                share = (time.perf_counter() - started) / len(new)
-                for row in new:
-                    row.seconds += share
+                new_cache, new_mask, logits = self._prefill([row.request.ids for row in new], device)
+                _charge(new, started)
                 if rows:
                     cache, mask = _join(cache, mask, new_cache, new_mask)
                 else:
@@ -105,13 +100,12 @@ class RefillLoop:
                              use_cache=True, cache_position=torch.tensor([width - 1], device=device),
                              logits_to_keep=1)
             last = self._next_tokens(rows, out.logits[:, -1, :])
-            self.steps += 1
-            share = (time.perf_counter() - started) / len(rows)
-            for row in rows:
-                row.seconds += share
+            _charge(rows, started)
             rows, cache, mask, last = self._retire(rows, cache, mask, last, finish)
 
-    def _prefill(self, prompts: list[list[int]], device, cache_class):
+    def _prefill(self, prompts: list[list[int]], device):
+        from transformers import DynamicCache
+
         width = max(len(ids) for ids in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -119,7 +113,7 @@ class RefillLoop:
             ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[i, width - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        cache = cache_class()
+        cache = DynamicCache()
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, cache_position=torch.arange(width, device=device), logits_to_keep=1)
@@ -158,9 +152,8 @@ class RefillLoop:
         mask, last = mask[index], last[index]
         lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding in every row
         mask = mask[:, lead:]
-        for layer in cache.layers:
-            if getattr(layer, "is_initialized", True) and layer.keys.numel():
-                layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+        for layer in _filled(cache):
+            layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
         return rows, cache, mask, last
 
 
@@ -174,13 +167,24 @@ def _ended(row: _Row, stop: bool, eos_ids: set[int]) -> str | None:
     return None
 
 
+def _charge(rows: list[_Row], started: float) -> None:
+    """Share the time since `started` (a forward pass for `rows`) equally among them."""
+    share = (time.perf_counter() - started) / len(rows)
+    for row in rows:
+        row.seconds += share
+
+
+def _filled(cache) -> list:
+    """The cache's layers that hold keys and values (a layer a model never wrote to holds none)."""
+    return [layer for layer in cache.layers if getattr(layer, "is_initialized", True) and layer.keys.numel()]
+
+
 def _join(cache, mask, new_cache, new_mask):
     """The running batch's cache and mask with the newcomers' appended as more rows, both left-padded to one width."""
     width = max(mask.shape[1], new_mask.shape[1])
-    for layer, new in zip(cache.layers, new_cache.layers):
-        if getattr(layer, "is_initialized", True) and layer.keys.numel():
-            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
-            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
+    for layer, new in zip(_filled(cache), _filled(new_cache)):
+        layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
+        layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
     return cache, torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)])
 
 

@@ -7,9 +7,9 @@ into the base weights for inference unless several adapters share one base.
 from __future__ import annotations
 
 import logging
+import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -186,10 +186,10 @@ class Generator:
         answers: list[Answer | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), unit="answer", disable=not progress or len(prompts) <= batch_size) as bar:
             if continuous and gen.num_beams == 1:
-                waiting = deque(order)
+                waiting = iter(order)
 
                 def take(n: int) -> list[Request]:
-                    return [Request(ids[waiting[0]], gen, tag=waiting.popleft()) for _ in range(min(n, len(waiting)))]
+                    return [Request(ids[i], gen, tag=i) for i in itertools.islice(waiting, n)]
 
                 def finish(done: Finished) -> None:
                     answers[done.request.tag] = self._to_answer(done.tokens, done.seconds)
@@ -235,24 +235,23 @@ class Generator:
         by_eos = ended is not None and not by_marker
         return Answer(self.template.extract_response(text), len(kept) + by_eos, by_eos, seconds)
 
-    def pieces(self, streamer: "CountingStreamer", stop_event: threading.Event, stops: tuple[str, ...] = ()
+    def pieces(self, streamer: TextIteratorStreamer, stop_event: threading.Event, stops: tuple[str, ...] = ()
                ) -> Iterator[str]:
         """The text of `streamer`'s tokens in pieces, stripped and cut at the template's stop markers and at `stops`;
         reaching one sets `stop_event`."""
         return strip_pieces(cut_at_markers(strip_pieces(streamer), [*self.template.stop_strings, *stops], stop_event))
 
     def stream(self, prompt: str, gen: GenerationArgs, stop_event: threading.Event | None = None,
-               stops: tuple[str, ...] = (), stats: "StreamStats | None" = None) -> Iterator[str]:
+               stops: tuple[str, ...] = ()) -> Iterator[str]:
         """Text pieces of one answer as they are generated, stripped, cut at the template's stop markers and at
         `stops`; they add up to the text `generate` would return.
 
-        Setting `stop_event` ends generation at the next token (Ctrl-C in chat, a dropped client in the server).
-        `stats`, when given, is filled once the answer is complete.
+        Setting `stop_event` ends generation at the next token (Ctrl-C in chat, a closed page).
         """
         from transformers import StoppingCriteriaList
 
         stop_event = stop_event or threading.Event()
-        streamer = CountingStreamer(self.tokenizer, self.eos_ids)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         encoded = self._encode([prompt])
         kwargs = dict(**encoded, **self._generate_kwargs(gen, encoded["input_ids"].shape[1]), streamer=streamer)
         kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), StopOnEvent(stop_event)])
@@ -270,38 +269,11 @@ class Generator:
         worker.start()
         try:
             yield from self.pieces(streamer, stop_event, stops)
-            if stats is not None:  # the streamer is drained: generation is over
-                stats.n_tokens, stats.ended_by_eos, stats.stopped = (streamer.n_tokens, streamer.ended_by_eos,
-                                                                     stop_event.is_set())
         finally:  # also when the caller stops reading early (Ctrl-C, a closed page): finish the thread first
             stop_event.set()
             worker.join()
         if errors:
             raise errors[0]
-
-
-@dataclass
-class StreamStats:
-    """How a streamed answer ended: tokens generated, whether the last was EOS, whether a stop cut it short."""
-
-    n_tokens: int = 0
-    ended_by_eos: bool = False
-    stopped: bool = False
-
-
-class CountingStreamer(TextIteratorStreamer):
-    """A TextIteratorStreamer that also counts generated tokens and notes whether the last one was EOS."""
-
-    def __init__(self, tokenizer, eos_ids: set[int]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.eos_ids, self.n_tokens, self.ended_by_eos = eos_ids, 0, False
-
-    def put(self, value):
-        if not self.next_tokens_are_prompt:
-            ids = value.reshape(-1).tolist()
-            self.n_tokens += len(ids)
-            self.ended_by_eos = bool(ids) and ids[-1] in self.eos_ids
-        super().put(value)
 
 
 def strip_pieces(pieces: Iterable[str]) -> Iterator[str]:

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from fastapi.responses import JSONResponse
+from transformers import TextIteratorStreamer
 
 from medlora.batching import Finished, Request
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
-from medlora.generate import CountingStreamer, Generator
+from medlora.generate import Generator
 from medlora.templates import Template, cut_at
 
 if TYPE_CHECKING:
@@ -104,14 +105,14 @@ class _Job:
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
 
-    _streamer: CountingStreamer | None = None
+    _streamer: TextIteratorStreamer | None = None
     _reason: str = "stop"
+    _n_tokens: int = 0
     _failed: bool = False
 
     def start_stream(self, generator: Generator) -> Callable[[int], None]:
         """Start the thread that turns this job's tokens into text events; returns what takes each new token."""
-        self._streamer = streamer = CountingStreamer(generator.tokenizer, generator.eos_ids)
-        streamer.next_tokens_are_prompt = False
+        self._streamer = streamer = TextIteratorStreamer(generator.tokenizer, skip_special_tokens=True)
         threading.Thread(target=self._emit_pieces, args=(generator,), daemon=True).start()
         return lambda token: streamer.put(torch.tensor([token]))
 
@@ -122,10 +123,10 @@ class _Job:
             self.emit("text", piece)
         if not self._failed:
             reason = "length" if self._reason == "length" and not self.cancel.is_set() else "stop"
-            self.emit("done", Output("".join(pieces), self._streamer.n_tokens, reason))
+            self.emit("done", Output("".join(pieces), self._n_tokens, reason))
 
-    def end_stream(self, reason: str) -> None:
-        self._reason = reason
+    def end_stream(self, done: Finished) -> None:
+        self._reason, self._n_tokens = done.reason, len(done.tokens)  # read by the text thread once the stream ends
         self._streamer.end()
 
     def fail(self, exc: Exception) -> None:
@@ -326,7 +327,7 @@ class Engine:
         self._running.remove(job)
         self.served += 1
         if job.stream:
-            job.end_stream(done.reason)
+            job.end_stream(done)
             return
         answer = self.generators[job.request.model]._to_answer(done.tokens, done.seconds)
         text, was_cut = cut_at(answer.text, job.request.stop)
