@@ -292,3 +292,45 @@ def test_validation_loss_is_the_token_mean_whatever_the_batching(tiny_model, mon
     monkeypatch.setattr(medlora.train, "EVAL_BATCH_TOKENS", 16)  # one example a batch
     assert abs(validation_loss(model, dataset, collator) - fast) <= 1e-6 * fast
     assert model.training  # left as it was found
+
+
+def test_grouped_attention_matches_sdpa_kernel():
+    import torch.nn.functional as F
+
+    from medlora.attention import grouped_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()  # only .training is read
+    query = torch.randn(3, 4, 7, 16, dtype=torch.float64)
+    key, value = torch.randn(3, 2, 7, 16, dtype=torch.float64), torch.randn(3, 2, 7, 16, dtype=torch.float64)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    padded = causal.expand(3, 1, 7, 7).clone()
+    padded[1, :, :, :3] = False  # left padding: the second row's first 3 keys are hidden
+    for mask in (None, padded):
+        out, _ = grouped_attention(module, query, key, value, mask, scaling=0.3)
+        expected = F.scaled_dot_product_attention(query, key, value, attn_mask=causal if mask is None else mask,
+                                                  scale=0.3, enable_gqa=True).transpose(1, 2)
+        real = (slice(None), slice(3, None)) if mask is not None else (slice(None), slice(None))
+        assert out.shape == (3, 7, 4, 16)
+        assert torch.allclose(out[real], expected[real], atol=1e-10)  # positions with a key to attend to
+    assert torch.isfinite(grouped_attention(module, query, key, value, padded)[0]).all()  # rows with none
+
+
+def test_grouped_attention_gives_the_same_loss_and_gradients_in_training(tiny_model):
+    from medlora.attention import NAME, training_attention
+
+    model, batch = lora_batch(tiny_model)
+    base = model.get_base_model()
+    results = {}
+    for choice in ("sdpa", "grouped"):
+        assert training_attention(base, choice) == (NAME if choice == "grouped" else "sdpa")
+        model.zero_grad()
+        loss_sum, n_tokens = supervised_loss(model, batch)
+        (loss_sum / n_tokens).backward()
+        results[choice] = loss_sum.detach(), lora_grads(model)
+    assert base.config._attn_implementation == NAME
+    assert torch.allclose(results["grouped"][0], results["sdpa"][0], rtol=1e-5)
+    for name, grad in results["grouped"][1].items():
+        assert (grad - results["sdpa"][1][name]).abs().max() <= 1e-5 * grad.abs().max(), name
+    training_attention(base, "sdpa")
+    assert training_attention(base, "auto") == (NAME if base.device.type == "cpu" else "sdpa")

@@ -20,6 +20,7 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medlora import __version__
+from medlora.attention import training_attention
 from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
@@ -403,6 +404,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
+    training_attention(model, args.attention)
     model = attach_lora(model, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules)
     bf16 = resolve_dtype(model_args.dtype) == torch.bfloat16
     trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, bf16)
