@@ -51,13 +51,14 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def training_attention(model, choice: str = "auto") -> str:
-    """Set the attention kernel of `model` (a transformers model, not yet wrapped) for training; returns its name.
-    "auto" picks the grouped attention on a CPU where the model would use SDPA, and leaves anything else as it is."""
-    current = model.config._attn_implementation
+    """Set the attention kernel of `model` (a transformers model, not yet wrapped) for training and return the one
+    it had, for putting back afterwards. "auto" picks the grouped attention on a CPU where the model would use
+    SDPA, and leaves anything else as it is."""
+    previous = model.config._attn_implementation
     if choice == "auto":
         on_cpu = next(model.parameters()).device.type == "cpu"
-        choice = "grouped" if on_cpu and current == "sdpa" else current
+        choice = "grouped" if on_cpu and previous == "sdpa" else previous
     name = NAME if choice == "grouped" else choice
-    if name != current:
+    if name != previous:
         model.set_attn_implementation(name)
-    return name
+    return previous
