@@ -118,9 +118,6 @@ class TrainArgs:
     seed: int = opt(42, "random seed (data order, LoRA init, validation split)")
     save_bin: bool = opt(False, "also write adapter_model.bin (pickle) for tools that want the seed's file")
     fast_loss: bool = opt(True, "compute LM-head logits and loss only at supervised positions (same loss, faster)")
-    attention: str = opt("auto", "attention kernel while training: auto (medlora's grouped attention on a CPU, "
-                                 "the model's own elsewhere), grouped, sdpa or eager (transformers' kernels)",
-                         choices=("auto", "grouped", "sdpa", "eager"))
     report_to: str = opt("auto", "logging integrations: auto (tensorboard when installed), none, tensorboard, wandb")
     wandb_project: str = opt("", "Weights & Biases project (alpaca-lora's flag): with --report_to auto, log there "
                                  "(needs the wandb package)")

@@ -20,7 +20,6 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medlora import __version__
-from medlora.attention import training_attention
 from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
@@ -404,7 +403,6 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    attention_before = training_attention(model, args.attention)
     model = attach_lora(model, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules)
     bf16 = resolve_dtype(model_args.dtype) == torch.bfloat16
     trainer = build_trainer(model, tokenizer, train_ds, val_ds, args, bf16)
@@ -422,7 +420,6 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     evaluated_last_step = any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in history)
     if val_ds is not None and not stopper.stopped and not evaluated_last_step:
         eval_losses.append(trainer.evaluate()["eval_loss"])
-    training_attention(model.get_base_model(), attention_before)  # trained: the model's own kernel again
     supervised = _supervised_tokens_trained(train_ds, trainer.state.epoch or 0, resume_epoch(resume))
 
     if stopper.stopped:
