@@ -214,8 +214,8 @@ def test_a_trained_tiny_adapter_copies_the_fact_from_the_knowledge_block(tiny_mo
                  "--instruct_dir", str(asked), "--model_output_dir", str(res), "--max_new_tokens", "4",
                  "--dtype", "fp32"]) == 0
     rows = [json.loads(line) for line in (res / "results.jsonl").read_text(encoding="utf-8").splitlines()]
-    # An adapter that copies answers B's drug, one that learned A's pairs answers A's. Over seeds and attention
-    # kernels the count of B's drug ranged from 15 to 19 of 20 (at 18, seed 2 failed with either kernel).
+    # An adapter that copies answers B's drug, one that learned A's pairs answers A's. B's drug came 19, 19 and 15
+    # times in 20 with seeds 42, 1 and 2 (a threshold of 18 failed at seed 2).
     copied = sum(row["output"] == row["golden"] for row in rows)
     memorised = sum(row["output"] == f"{drugs[i % 2]}。" for i, row in enumerate(rows))
     assert copied >= 14 and memorised <= 6, [row["output"] for row in rows]
