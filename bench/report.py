@@ -103,6 +103,11 @@ def _peer_lines(by_name: dict) -> list[str]:
                 f"{_fmt(trl['ours'])} vs {_fmt(trl['reference'])} supervised tokens/s, **{trl['ratio']:.2f}×**; "
                 f"training loss ours {trl['train_loss']['ours']:.4f}, TRL {trl['train_loss']['trl']:.4f}; held-out "
                 f"loss ours {trl['val_loss']['ours']:.4f}, TRL {trl['val_loss']['trl']:.4f}."]
+    compiled = by_name.get("train_compiled", {})
+    if "ratio" in compiled:
+        out += ["", f"With `--torch_compile` ({compiled['unit']}): {_fmt(compiled['ours'])} vs {_fmt(compiled['reference'])}"
+                f" supervised tokens/s, **{compiled['ratio']:.2f}×**; held-out loss compiled "
+                f"{compiled['val_loss']['compiled']:.4f}, ours {compiled['val_loss']['ours']:.4f}."]
     val = by_name.get("val_loss_speedup", {})
     if "ratio" in val:
         out += ["", f"Validation loss ({val['unit']}): ours {val['ours']:.1f} s, the Trainer's loop "

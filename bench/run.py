@@ -61,8 +61,9 @@ def template():
 
 def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = False, grouped: bool = False,
                  unsorted: bool = False) -> dict:
-    """One epoch over the first `n` records with medlora's defaults (impl "ours"), the reference recipe ("ref") or
-    TRL's SFTTrainer ("trl").
+    """One epoch over the first `n` records with medlora's defaults (impl "ours"), the same with --torch_compile
+    ("compiled": its time includes compiling, from inductor's cache in MEDLORA_HOME after the first run), the
+    reference recipe ("ref") or TRL's SFTTrainer ("trl").
     Ours only: `plain`, fp32 weights (the reference's numerics) with our loss, for checking that our loss path
     changes nothing; `grouped`, length-grouped batches (off by default: faster, but it moves the loss); `unsorted`,
     micro-batches in random order instead of sorted by length within each step (--sort_within_step false)."""
@@ -89,7 +90,8 @@ def worker_train(impl: str, n: int, out: str, seed: int = 42, plain: bool = Fals
                        TrainArgs(output_dir=out, batch_size=SETTINGS["batch_size"], num_epochs=1,
                                  micro_batch_size=SETTINGS["micro_batch_size"], learning_rate=SETTINGS["learning_rate"],
                                  save_steps=10**9, logging_steps=10**9, report_to="none", seed=seed,
-                                 group_by_length=grouped, sort_within_step=not unsorted), echo=lambda *a: None)
+                                 group_by_length=grouped, sort_within_step=not unsorted,
+                                 torch_compile=impl == "compiled"), echo=lambda *a: None)
         result = {"seconds": res.wall_seconds, "supervised_tokens": res.stats.n_supervised_tokens,
                   "train_loss": next((h["train_loss"] for h in res.log_history if "train_loss" in h), None)}
     result.update(flops=train_flops(records), peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb())
@@ -271,7 +273,8 @@ def main() -> None:
     parser.add_argument("--variants", default="ours:1,ours:2,plain:42,grouped:42",
                         help="with --loss-check: IMPL:SEED runs, IMPL one of ours (medlora's defaults), plain (ours in "
                              "fp32), grouped (ours with length-grouped batches), unsorted (ours with random "
-                             "micro-batches, the default before sort_within_step), ref, trl")
+                             "micro-batches, the default before sort_within_step), compiled (ours with --torch_compile), ref, "
+                             "trl")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to measure, a comma list of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--reuse", default=None,
@@ -326,7 +329,7 @@ def measure(runs: int, n_train: int, n_infer: int, n_ref_infer: int, raw: Path |
     where it has them; `measured` records the date of each part's figures."""
     today = time.strftime("%Y-%m-%d %H:%M")
     earlier = earlier or {}
-    trainers = ("ref", "ours", "trl") if trl_installed() else ("ref", "ours")
+    trainers = ("ref", "ours", "compiled", "trl") if trl_installed() else ("ref", "ours", "compiled")
     results = {"peak": run_worker("peak"), "train": {impl: [] for impl in trainers}, "val": {},
                "infer": {"ours": [], "ref": [], "ours-beam": []}, "latency": [], "val_speed": [],
                "answers": {"base": [], "tuned": [], "tuned-static": []}, "measured": {},
@@ -380,7 +383,7 @@ def loss_check(n_train: int, variants: str) -> None:
         for variant in variants.split(","):
             impl, seed = variant.split(":")
             out = f"{scratch}/{impl}-{seed}"
-            kwargs = {"impl": impl} if impl in ("ref", "trl") else {"impl": "ours", "plain": impl == "plain",
+            kwargs = {"impl": impl} if impl in ("ref", "trl", "compiled") else {"impl": "ours", "plain": impl == "plain",
                                                             "grouped": impl == "grouped",
                                                             "unsorted": impl == "unsorted"}
             train = run_worker("train", n=n_train, out=out, seed=int(seed), **kwargs)
@@ -472,6 +475,10 @@ LINES = [
     ("train_val_loss", lambda r: _ratio_line(r["val"]["ours"]["val_loss"], r["val"]["ref"]["val_loss"],
                                              "nats/token (fp32, held-out)")),
     ("train_vs_trl", _train_vs_trl),
+    ("train_compiled", lambda r: _ratio_line(
+        _per_second(r["train"]["compiled"], "supervised_tokens"), _per_second(r["train"]["ours"], "supervised_tokens"),
+        "supervised tokens/s (ours with --torch_compile, compiling included, vs ours)",
+        val_loss={"compiled": r["val"]["compiled"]["val_loss"], "ours": r["val"]["ours"]["val_loss"]})),
     ("infer_batch_throughput", lambda r: _ratio_line(_per_second(r["infer"]["ours"], "answers"),
                                                      _per_second(r["infer"]["ref"], "answers"),
                                                      "answers/s (greedy batched vs per-record beam 4)")),

@@ -58,6 +58,18 @@ def test_train_vs_trl_reports_the_ratio_and_both_losses():
     assert "TRL 1.16.0" in line["unit"]
 
 
+def test_train_compiled_compares_the_compiled_run_with_ours_in_the_same_run():
+    results = _results(with_trl=False)
+    results["train"]["compiled"] = [_train(8)]
+    results["val"]["compiled"] = {"val_loss": 2.57}
+    lines = {line["name"]: line for line in run.summary_lines(results)}
+    assert lines["train_compiled"]["ratio"] == 1.25
+    assert lines["train_compiled"]["val_loss"] == {"compiled": 2.57, "ours": 2.58}
+    assert "skipped" in next(line for line in run.summary_lines(_results(with_trl=False))
+                             if line["name"] == "train_compiled")
+    assert "**1.25×**" in "\n".join(report._peer_lines(lines))
+
+
 def test_gpu_rows_compare_ours_with_the_reference():
     results = _results(with_trl=False)
     results["gpu"] = {"name": "NVIDIA H200, 143771 MiB", "weights": "random"}

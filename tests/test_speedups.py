@@ -292,3 +292,44 @@ def test_validation_loss_is_the_token_mean_whatever_the_batching(tiny_model, mon
     monkeypatch.setattr(medlora.train, "EVAL_BATCH_TOKENS", 16)  # one example a batch
     assert abs(validation_loss(model, dataset, collator) - fast) <= 1e-6 * fast
     assert model.training  # left as it was found
+
+
+def test_torch_compile_gives_the_eager_loss_and_gradients_and_leaves_plain_layers(tiny_model, tmp_path, monkeypatch):
+    """Traced through dynamo and AOTAutograd as in training; inductor's C++ code generation is left to the bench
+    (bench/run.py's train_compiled line, with the held-out loss): compiling it here would cost about a minute."""
+    import os
+
+    from medlora.modeling import compiled_layers, repeated_blocks
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model, batch = lora_batch(tiny_model)
+    eager = model(**batch).loss
+    eager.backward()
+    expected = lora_grads(model)
+    keys = list(model.state_dict())
+    with compiled_layers(model, backend="aot_eager") as compiled:
+        assert len(compiled.layers) == model.config.num_hidden_layers
+        assert all(layer._compiled_call_impl is not None for layer in compiled.layers)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("compile")  # in $MEDLORA_HOME, kept between runs
+        model.zero_grad()
+        compiled_loss = model(**batch).loss
+        compiled_loss.backward()
+        got = lora_grads(model)
+    assert torch.allclose(compiled_loss, eager, rtol=1e-5)
+    assert all((got[n] - expected[n]).abs().max() <= 1e-4 * expected[n].abs().max() for n in expected)
+    assert all(layer._compiled_call_impl is None for layer in repeated_blocks(model))
+    assert list(model.state_dict()) == keys
+
+
+def test_torch_compile_without_a_cxx_compiler_fails_before_loading(monkeypatch):
+    import shutil
+
+    import pytest
+
+    from medlora.errors import ConfigError
+    from medlora.modeling import check_compile_toolchain
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--torch_compile needs a C\\+\\+ compiler"):
+        check_compile_toolchain()

@@ -26,8 +26,9 @@ from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
 from medlora.io import (atomic_write_text, data_file_hashes, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
-from medlora.modeling import (MEDLORA_META, attach_lora, base_config, load_base_model, load_tokenizer,
-                              model_fingerprint, preflight_target_modules, resolve_dtype)
+from medlora.modeling import (MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
+                              load_base_model, load_tokenizer, model_fingerprint, preflight_target_modules,
+                              resolve_dtype)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
 from medlora.templates import load_template
 from medlora.tokenize import TokenizeStats, tokenize_records
@@ -389,6 +390,8 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     gradient_accumulation(args.batch_size, args.micro_batch_size, world_size())
     check_sharding_options(args)
     check_gpus_per_process()
+    if args.torch_compile:
+        check_compile_toolchain()
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,
                                     echo if is_main_process() else (lambda *_: None))
 
@@ -410,7 +413,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     trainer.add_callback(stopper)
 
     start = time.perf_counter()
-    with stopper.installed():
+    with stopper.installed(), compiled_layers(model, args.torch_compile):
         trainer.train(resume_from_checkpoint=resume)
     release_buffers()
     wall = time.perf_counter() - start
