@@ -5,9 +5,9 @@
 #   docker run --rm -v medlora-cache:/root/.cache/medlora medlora make test
 FROM python:3.11-slim
 
-# make and git for the Makefile; the CPU torch wheel comes from PyTorch's CPU index (a plain `pip install torch`
-# on Linux pulls the CUDA build).
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends make git && rm -rf /var/lib/apt/lists/*
+# make and git for the Makefile, g++ for the demo recipe's --torch_compile; the CPU torch wheel comes from
+# PyTorch's CPU index (a plain `pip install torch` on Linux pulls the CUDA build).
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends make git g++ && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
     MEDLORA_HOME=/root/.cache/medlora \

@@ -144,6 +144,8 @@ class TrainArgs:
             raise ConfigError("--seed must be from 0 to 4294967295")
         if not (self.loraplus_lr_ratio == 0 or 1 <= self.loraplus_lr_ratio < float("inf")):
             raise ConfigError("--loraplus_lr_ratio must be 0 (off) or at least 1")
+        if self.torch_compile and (self.deepspeed or self.fsdp):
+            raise ConfigError("--torch_compile cannot be combined with --deepspeed or --fsdp (not verified with them)")
         if self.loraplus_lr_ratio and (self.deepspeed or self.fsdp):
             raise ConfigError("--loraplus_lr_ratio cannot be combined with --deepspeed or --fsdp (they build the optimizer)")
         unknown = sorted(set(self.report_to.replace(" ", "").split(",")) - {"auto", "none", "all"})
