@@ -105,9 +105,9 @@ def _peer_lines(by_name: dict) -> list[str]:
                 f"loss ours {trl['val_loss']['ours']:.4f}, TRL {trl['val_loss']['trl']:.4f}."]
     compiled = by_name.get("train_compiled", {})
     if "ratio" in compiled:
-        out += ["", f"With `--torch_compile` ({compiled['unit']}): {_fmt(compiled['ours'])} vs {_fmt(compiled['reference'])}"
-                f" supervised tokens/s, **{compiled['ratio']:.2f}×**; held-out loss compiled "
-                f"{compiled['val_loss']['compiled']:.4f}, ours {compiled['val_loss']['ours']:.4f}."]
+        out += ["", f"With `--torch_compile` ({compiled['unit']}): {_fmt(compiled['ours'])} vs "
+                f"{_fmt(compiled['reference'])} supervised tokens/s, **{compiled['ratio']:.2f}×**; held-out loss "
+                f"compiled {compiled['val_loss']['compiled']:.4f}, ours {compiled['val_loss']['ours']:.4f}."]
     val = by_name.get("val_loss_speedup", {})
     if "ratio" in val:
         out += ["", f"Validation loss ({val['unit']}): ours {val['ours']:.1f} s, the Trainer's loop "

@@ -273,8 +273,8 @@ def main() -> None:
     parser.add_argument("--variants", default="ours:1,ours:2,plain:42,grouped:42",
                         help="with --loss-check: IMPL:SEED runs, IMPL one of ours (medlora's defaults), plain (ours in "
                              "fp32), grouped (ours with length-grouped batches), unsorted (ours with random "
-                             "micro-batches, the default before sort_within_step), compiled (ours with --torch_compile), ref, "
-                             "trl")
+                             "micro-batches, the default before sort_within_step), compiled (ours with "
+                             "--torch_compile), ref, trl")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to measure, a comma list of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--reuse", default=None,
@@ -383,9 +383,8 @@ def loss_check(n_train: int, variants: str) -> None:
         for variant in variants.split(","):
             impl, seed = variant.split(":")
             out = f"{scratch}/{impl}-{seed}"
-            kwargs = {"impl": impl} if impl in ("ref", "trl", "compiled") else {"impl": "ours", "plain": impl == "plain",
-                                                            "grouped": impl == "grouped",
-                                                            "unsorted": impl == "unsorted"}
+            kwargs = {"impl": impl} if impl in ("ref", "trl", "compiled") else {
+                "impl": "ours", "plain": impl == "plain", "grouped": impl == "grouped", "unsorted": impl == "unsorted"}
             train = run_worker("train", n=n_train, out=out, seed=int(seed), **kwargs)
             val = run_worker("val_loss", adapter=out, n_val=64, offset=n_train)
             print(json.dumps({"name": "val_loss", "variant": impl, "seed": int(seed), **val,
