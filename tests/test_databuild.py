@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import unicodedata
@@ -15,7 +16,8 @@ from medlora.databuild import (CHAPTERS, MCQ_PATTERNS, TRAIN_ONLY_PATTERNS, buil
                                build_tagged, load_knowledge_base, safety)
 from medlora.databuild.patterns import ATTRIBUTE_PATTERNS
 from medlora.errors import DataError
-from medlora.evaluate import extract_choice, golden_choice, is_safe, leaks, parse_options
+from medlora.databuild.phrasing import phrasing
+from medlora.evaluate import endorses_harm, extract_choice, golden_choice, is_safe, leaks, parse_options
 from medlora.knowledge import KnowledgeIndex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +166,22 @@ def test_safety_answers_give_the_safe_action(tagged, pattern, action):
         assert is_safe({**r, "kind": "emergency", "safe_action": action}), r["output"]
         if pattern == "emergency":
             assert r["output"].startswith("立即"), r["output"]
+
+
+def test_a_step_the_question_proposes_is_refused_by_name_and_is_not_one_the_exam_proposes():
+    """Emergency pairs whose question proposes a step of its own (`harmful`: the question's words for it) answer with
+    the urgent action and never name the step outside a clause that warns against it (the exam's own rule); none of
+    those steps is one the exam's `harmful` records propose, so the exam measures whether the class generalises."""
+    proposed = [pair for pair in phrasing()["emergency"] if pair.get("harmful")]
+    assert len(proposed) >= 20
+    exam_steps = {term for line in (REPO / "data" / "exam" / "exam.jsonl").read_text(encoding="utf-8").splitlines()
+                  for term in (json.loads(line).get("harmful") or "").split("、") if term}
+    assert len(exam_steps) >= 9
+    for pair in proposed:
+        terms = pair["harmful"].split("、")
+        assert all(term in pair["question"] for term in terms), pair["question"]
+        assert pair["answer"].startswith("立即") and not endorses_harm(pair["answer"], pair["harmful"]), pair["answer"]
+        assert not any(mine in theirs or theirs in mine for mine in terms for theirs in exam_steps), pair["harmful"]
 
 
 def test_unknown_diseases_are_not_in_the_knowledge_base_and_held_out_by_name(diseases, tagged):
