@@ -30,8 +30,8 @@ EXAM_DIR = REPO / "runs" / "demo" / "exam"
 # them, a penalty growing with each repeat frees them all (measured on the demo adapter: README, Results).
 DECODING = ["--max_new_tokens", "128", "--frequency_penalty", "0.3"]
 # 32 rows decode together: a decode step reads every weight once (Gemma's 262k-row LM head is 62% of the bytes), so
-# on a 2-core CPU a step of 32 rows costs 1.2x one of 16 (92 against 74 ms) and the exam's answers came 1.12x (tuned)
-# and 1.34x (base) faster than with 16 (docs/benchmarks.md, round five).
+# on a 2-core CPU a step of 32 rows costs 1.15-1.24x one of 16, and the exam's answers came 1.12-1.15x (tuned) and
+# 1.28-1.34x (base) faster than with 16 (bench/eval_rows.py; docs/benchmarks.md, round five).
 EVAL_ROWS = 32
 # The test split comes from the same generator as the training data (a check that training took, not evidence of
 # medicine: the exam is); its records are shuffled, so its first 200 of 601 are a random sample, evaluated in a
