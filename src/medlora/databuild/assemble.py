@@ -144,14 +144,14 @@ def _indications(diseases: list[dict], seed: int) -> list[dict]:
 
 
 def _safety(diseases: list[dict], seed: int) -> list[dict]:
-    """The hand-written safety pairs (TRAIN_COPIES copies of each training pair) and the unknown-disease records
-    (two wordings per training name, one per held-out name)."""
+    """The hand-written safety pairs (TRAIN_COPIES[kind] copies of each training pair) and the unknown-disease
+    records (two wordings per training name, one per held-out name)."""
     records = []
     for pair in safety.pairs():
         split = _split(_unit(seed, "safety", pair["key"]), SAFETY_TEST_SHARE, 0.0)
         record = {"disease": "", "pattern": pair["pattern"], "split": split, "source": "safety",
                   "instruction": pair["instruction"], "input": "", "output": pair["output"]}
-        records += [record] * (safety.TRAIN_COPIES if split == "train" else 1)
+        records += [record] * (safety.TRAIN_COPIES[pair["pattern"]] if split == "train" else 1)
     for name in safety.unknown_names(diseases):
         split = _split(_unit(seed, "unknown", name), UNKNOWN_TEST_SHARE, 0.0)
         for k in range(TRAIN_WORDINGS if split == "train" else 1):
