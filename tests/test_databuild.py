@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import unicodedata
@@ -16,6 +15,7 @@ from medlora.databuild import (CHAPTERS, MCQ_PATTERNS, TRAIN_ONLY_PATTERNS, buil
                                build_tagged, load_knowledge_base, safety)
 from medlora.databuild.patterns import ATTRIBUTE_PATTERNS
 from medlora.errors import DataError
+from medlora.data import load_records
 from medlora.databuild.phrasing import phrasing
 from medlora.evaluate import endorses_harm, extract_choice, golden_choice, is_safe, leaks, parse_options
 from medlora.knowledge import KnowledgeIndex
@@ -174,8 +174,8 @@ def test_a_step_the_question_proposes_is_refused_by_name_and_is_not_one_the_exam
     those steps is one the exam's `harmful` records propose, so the exam measures whether the class generalises."""
     proposed = [pair for pair in phrasing()["emergency"] if pair.get("harmful")]
     assert len(proposed) >= 20
-    exam_steps = {term for line in (REPO / "data" / "exam" / "exam.jsonl").read_text(encoding="utf-8").splitlines()
-                  for term in (json.loads(line).get("harmful") or "").split("、") if term}
+    exam_steps = {term for record in load_records(REPO / "data" / "exam" / "exam.jsonl")
+                  for term in record.get("harmful", "").split("、") if term}
     assert len(exam_steps) >= 9
     for pair in proposed:
         terms = pair["harmful"].split("、")
