@@ -246,7 +246,8 @@ def test_our_medical_conversations_tune_tiny_qwen2_with_its_chat_template_and_re
 
 
 def test_a_follow_up_gets_the_facts_of_the_disease_an_earlier_turn_named(knowledge_file):
-    from medlora.knowledge import KnowledgeIndex, knowledge_for_training
+    from medlora.databuild.noise import knowledge_for_training
+    from medlora.knowledge import KnowledgeIndex
 
     index = KnowledgeIndex.load(str(knowledge_file))
     found = index.retrieve("它用什么药？", context=["石垣病挂什么科？"])

@@ -12,7 +12,8 @@ from conftest import FICTIONAL, LEARN_FLAGS, write_jsonl
 from medlora.cli import main
 from medlora.errors import TemplateError
 from medlora.evaluate import is_honest, score_results
-from medlora.knowledge import KnowledgeIndex, Retrieved, knowledge_for_training
+from medlora.databuild.noise import knowledge_for_training
+from medlora.knowledge import KnowledgeIndex, Retrieved
 from medlora.templates import KNOWLEDGE_HEADER, NO_KNOWLEDGE, load_template
 
 # --- the template slot ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from medlora.databuild import CHAPTERS
+from medlora.vocab import CHAPTERS
 from medlora.errors import ConfigError, DataError
 
 EXTRA_HINT = "CMeKG needs the optional extra: pip install 'medlora[cmekg]' (the pycmekg package)"

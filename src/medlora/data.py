@@ -39,7 +39,8 @@ ROLES = {"sharegpt": {"human": "user", "user": "user", "gpt": "assistant", "assi
          "messages": {"user": "user", "assistant": "assistant", "system": "system"}}
 TURN_KEYS = {"sharegpt": ("conversations", "from", "value"), "messages": ("messages", "role", "content")}
 # Optional labels that an evaluation set may carry (data/exam): kept as they are, read by medlora.evaluate's scores.
-META_FIELDS = ("kind", "chapter", "disease", "attribute", "layout", "safe_action", "harmful")
+META_FIELDS = ("kind", "chapter", "disease", "attribute", "layout", "safe_action", "harmful", "triage", "entries", "acceptable",
+               "asks")
 NEWLINE = b"\n"
 CJK = re.compile("[\u3000-\u9fff\uff00-\uffef]")
 CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # csv's default is 128 KiB per field; a long answer is still a record

@@ -2,9 +2,11 @@
 
 Prepares Gemma-3-270m, knowledge-tunes a LoRA adapter on the built-in medqa training split (recipe
 `recipes/gemma3-270m-demo.yaml`, sized for a 2-core CPU: facts from the knowledge base in every prompt), then
-evaluates the base model and the adapter on 200 records of the test split (runs/demo/eval) and on the independent exam
-(runs/demo/exam, the headline: fact-level scores, leaks, safety, honest answers), where the base model also answers
-prompted with the same facts (base+knowledge): seed-style answer blocks, the metrics tables and a report for each.
+evaluates the base model and the adapter on the real-question set (runs/demo/realq: 330 questions real patients
+wrote, labelled for triage and knowledge-base entries) and on the independent exam (runs/demo/exam, the headline:
+fact-level scores, leaks, safety, honest answers, triage), where the base model also answers prompted with the same
+facts (base+knowledge): seed-style answer blocks, the metrics tables and a report for each. The generator's own test
+split is left to `medlora eval --data data/medqa/test.jsonl` (a check that training took, not evidence).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from medlora.io import data_file_hashes
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "gemma3-270m-demo.yaml"
 ADAPTER = REPO / "runs" / "demo" / "adapter"
-EVAL_DIR = REPO / "runs" / "demo" / "eval"
-TEST_SPLIT = REPO / "data" / "medqa" / "test.jsonl"
+REALQ = REPO / "data" / "realq" / "realq.jsonl"
+REALQ_DIR = REPO / "runs" / "demo" / "realq"
 EXAM = REPO / "data" / "exam" / "exam.jsonl"
 EXAM_DIR = REPO / "runs" / "demo" / "exam"
 # Greedy, with OpenAI's frequency penalty on the answer's own tokens: after 10 minutes of training the adapter still
@@ -33,10 +35,6 @@ DECODING = ["--max_new_tokens", "128", "--frequency_penalty", "0.3"]
 # on a 2-core CPU a step of 32 rows costs 1.15-1.24x one of 16, and the exam's answers came 1.12-1.15x (tuned) and
 # 1.28-1.34x (base) faster than with 16 (bench/eval_rows.py; docs/benchmarks.md, round five).
 EVAL_ROWS = 32
-# The test split comes from the same generator as the training data (a check that training took, not evidence of
-# medicine: the exam is); its records are shuffled, so its first 200 of 601 are a random sample, evaluated in a
-# third of the time. `medlora eval --data data/medqa/test.jsonl ...` scores all of it.
-TEST_SPLIT_RECORDS = 200
 
 
 def adapter_is_current(adapter: Path, recipe: Path) -> bool:
@@ -68,18 +66,17 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
     else:
         print(f"[medlora] {ADAPTER.relative_to(REPO)} is already trained from this recipe: reusing it "
               f"(make demo-retrain, or delete runs/demo, to train again)", flush=True)
-    # the generator's own test split first, then the independent exam, whose tables are printed last
-    for data, out in ((TEST_SPLIT, EVAL_DIR), (EXAM, EXAM_DIR)):
+    # the real patients' questions first, then the independent exam, whose tables are printed last
+    for data, out in ((REALQ, REALQ_DIR), (EXAM, EXAM_DIR)):
         print(f"[medlora] evaluating base and tuned on {data.relative_to(REPO)}", flush=True)
         args = ["eval", "--base_model", "gemma3-270m", "--lora_weights", f"tuned={ADAPTER}", "--data", str(data),
                 "--out", str(out), "--train_dir", str(ADAPTER), "--batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
         if data == EXAM:  # knowledge without training, beside knowledge-tuning
             args += ["--base_knowledge", "kb"]
-        caps = [n for n in (limit, TEST_SPLIT_RECORDS if data == TEST_SPLIT else None) if n]
-        code = medlora(args + (["--limit", str(min(caps))] if caps else []))
+        code = medlora(args + (["--limit", str(limit)] if limit else []))
         if code:
             return code
-    print(f"[medlora] reports: {EXAM_DIR / 'report.html'} (the exam), {EVAL_DIR / 'report.html'} (the test split); "
+    print(f"[medlora] reports: {EXAM_DIR / 'report.html'} (the exam), {REALQ_DIR / 'report.html'} (real questions); "
           f"each with report.md and metrics.json")
     return 0
 
@@ -88,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m medlora.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--retrain", action="store_true", help="train again even if runs/demo/adapter is current")
     parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate only the first N records of the test split and the exam")
+                        help="evaluate only the first N records of the real-question set and the exam")
     args = parser.parse_args()
     sys.exit(run(args.retrain, args.limit))
 

@@ -1,101 +1,89 @@
-"""The knowledge base as something to look facts up in: a disease by name or alias, the attribute a question asks
-for, the facts a question needs, and which of a disease's facts a text names. The exam's fact-level scores
-(medlora.evaluate) use it, and so will knowledge-tuning (docs/knowledge.md).
+"""The knowledge base as something to look facts up in: the diseases a question names (by name, alias, the words
+people use for them, or a miswriting that sounds the same), the diseases a description of symptoms may point to (a
+ranked list with a confidence, or nothing), the attribute a question asks for, the facts it needs, and which of a
+disease's facts a text names. Knowledge-tuning (docs/knowledge.md) and the exam's fact-level scores use it.
 
-Sources (`KnowledgeIndex.load`): `kb` (the curated knowledge base), `cmekg` (needs the `cmekg` extra), `both`, or a
-JSONL/YAML file of `{name, aliases, <attribute>: [items]}` records. Retrieval is deterministic and needs no model.
-
-Matching is documented in docs/evaluation.md ("Fact-level scores"): texts are compared after NFKC, lower-casing and
-dropping whitespace and punctuation; an item counts as named when it, a listed synonym, or (for an item that is
-itself a knowledge-base disease) one of that disease's aliases occurs in the text, or when an item of 5 or more
-characters matches with one character changed (rapidfuzz partial ratio ≥ 80).
+Sources (`KnowledgeIndex.load`): `kb` (the curated knowledge base, with the words people use for its entries in
+`kb/usage.yaml`), `cmekg` (needs the `cmekg` extra), `both`, or a JSONL/YAML file of `{name, aliases, <attribute>:
+[items]}` records. Retrieval is deterministic and needs no model. How it links and ranks: docs/knowledge.md
+("Retrieval"); matching of items: docs/evaluation.md ("Fact-level scores").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
 from medlora.errors import DataError
-from medlora.evaluate import ASKS_FOR_NAME, normalise
+from medlora.vocab import (ASKS_ALL, ASKS_DISEASE, ASKS_EXTRA, ATTRIBUTES, DEFAULT_KEYS, LABELS,  # noqa: F401
+                           asked_attributes, canonical, normalise, wordings)
 
 FUZZY_CUTOFF = 80  # rapidfuzz partial_ratio for a name or alias of 5+ characters: one character changed
 MAX_ITEMS = 10  # items per retrieved fact line (CMeKG lists run to dozens)
-MIN_ITEM_CHARS = 3  # a disease found by the items a question names must hold 3+ of their characters (not just 疼痛)
+SOUND_MIN_CHARS = 3  # a name matched by its sound (唐尿病 for 糖尿病) has 3+ characters: two-character homophones abound
+# A description (no disease named) is ranked against the entries by BM25 over its terms; the best entry is offered
+# as a possibility only when its score reaches MIN_DESCRIPTION_SCORE, it leads the second by LEAD times, and it
+# shares MIN_SHARED_TERMS or more terms with the question. Chosen on the half of data/linking's narrative and none
+# questions whose sha256 is even (9% of the possibilities shown there wrong, 97% of none questions get nothing);
+# the other half, never looked at while choosing, gave 12.5% and 95% (docs/knowledge.md, "Retrieval").
+MIN_DESCRIPTION_SCORE = 5.0
+LEAD = 1.5
+MIN_SHARED_TERMS = 2
+RANKED_ATTRIBUTES = ("symptoms", "drugs", "examinations", "causes", "complications", "high_risk_groups")
+POSSIBLE = "可能相关"
+ASKS_USE = r"治什么|用于什么|有什么用|用途|适应[证症]|针对什么|治疗什么|治哪"  # what a drug is for  # how a candidate for a description is shown: something to check with a doctor
 
-# The attributes a question can ask for, with the knowledge base's key (department is a single string there).
-ATTRIBUTES = {
-    "symptoms": "症状", "causes": "病因", "drugs": "常用药物", "examinations": "检查", "treatments": "治疗",
-    "department": "就诊科室", "complications": "并发症", "prevention": "预防", "high_risk_groups": "高危人群",
-    "transmission": "传播途径",
-}
 
-DEFAULT_KEYS = ("department", "symptoms", "drugs")  # retrieved when a question asks for no attribute in particular
-# Shown when asked, besides ATTRIBUTES (not scored as facts): other names, and the ICD-10 chapter.
-EXTRA_KEYS = {"aliases": "别称", "icd10_chapter": "ICD-10章节"}
-_ASKS_EXTRA = {"aliases": ASKS_FOR_NAME.pattern + "|叫法", "icd10_chapter": r"ICD|哪一章|哪章|属于哪"}
-_ASKS_ALL = r"介绍|讲讲|怎么回事|是什么病"  # a question about the whole entry
-# A question that asks which disease (or what a drug is for, where symptoms point): only such a question is answered
-# from the diseases whose items it names; one about a disease the knowledge lacks (三叉神经痛用什么药) is not.
-_ASKS_DISEASE = (r"哪[种类些一个]*(?:疾病|病)|什么(?:疾病|病)|治什么|用于什么|有什么用|用途|适应[证症]|针对什么|"
-                 r"提示什么|考虑什么|可能是什么|是什么原因|诊断是什么|怎么回事|是什么情况|症状.{0,3}怎么办|"
-                 r"哪个科|什么科|哪些科|哪一科|挂.{0,4}科|就诊")
-LABELS = {**ATTRIBUTES, **EXTRA_KEYS}
+@dataclass(frozen=True)
+class Match:
+    """One linked entry: why it matched (`name`, `alias`, `usage` (the words people use, kb/usage.yaml), `generic`
+    (a word covering several entries), `sound` (a miswriting that sounds like a name), `fuzzy` (one character
+    changed), `context` (an earlier turn named it), `items` (a description's terms, ranked by BM25)), its score
+    (1.0 for a name; the BM25 score for `items`), and whether it is only a possibility to check with a doctor."""
 
-# What a question says when it asks for one attribute. Checked in this order; "drugs" hides "treatments"
-# (用什么药治疗 asks for drugs).
-_ASKS = {
-    "department": r"哪个科|什么科|哪一科|哪些科|挂.{0,4}科|挂号|就诊科室",
-    "drugs": r"药",
-    "examinations": r"检查|化验|确诊|诊断",
-    "symptoms": r"症状|表现|体征",
-    "causes": r"病因|原因|病原|引起|导致|怎么得的|为什么会得",
-    "complications": r"并发症|严重|要紧|危险|危害|后果",
-    "prevention": r"预防|不得|避免|远离|防止",
-    "transmission": r"传播|传染途径|怎么传染",
-    "high_risk_groups": r"高危|易感|哪些人|什么人",
-    "treatments": r"治疗|怎么治|如何治",
-}
+    disease: str
+    why: str
+    score: float = 1.0
+    possible: bool = False
 
-# Other common wordings of knowledge-base items (the KB writes one wording per item).
-SYNONYMS = {
-    "心血管内科": ["心内科"], "心血管外科": ["心外科"], "呼吸内科": ["呼吸科"], "消化内科": ["消化科"],
-    "神经内科": ["神经科"], "耳鼻咽喉科": ["耳鼻喉科"], "风湿免疫科": ["风湿科"], "普通外科": ["普外科"],
-    "感染科": ["传染科", "感染性疾病科"], "肾内科": ["肾脏内科"], "内分泌科": ["内分泌代谢科"],
-    "精神科": ["精神心理科", "心理科"], "肿瘤科": ["肿瘤内科"],
-    "对乙酰氨基酚": ["扑热息痛"], "沙丁胺醇": ["舒喘灵"], "胸部X线": ["胸片", "X线胸片", "胸部X光"],
-    "心电图": ["ECG"], "血常规": ["血细胞分析"],
-}
+    def to_dict(self) -> dict:
+        return {"disease": self.disease, "why": self.why, "score": round(self.score, 3), "possible": self.possible}
 
 
 class KnowledgeIndex:
-    """Diseases of the curated knowledge base (or any list of such dicts), by name and alias."""
+    """Diseases of the curated knowledge base (or any list of such dicts), by name, alias and usage."""
 
-    def __init__(self, diseases: list[dict]):
+    def __init__(self, diseases: list[dict], usage: dict | None = None):
         self.diseases = {d["name"]: d for d in diseases}
-        self._names = {}  # normalised name or alias -> disease name
+        # normalised form -> (why, [diseases]); an entry's own name and aliases first, then usage words, which never
+        # take a form from an entry; `not` words link to nothing (their diseases list is empty)
+        self._names: dict[str, tuple[str, list[str]]] = {}
         for d in diseases:
-            for form in [d["name"], *d.get("aliases", [])]:
-                self._names.setdefault(normalise(form), d["name"])
-        self._by_length = sorted(self._names, key=len, reverse=True)
-        self._fuzzy_forms = [f for f in self._by_length if len(f) >= 5]  # what `link(fuzzy=True)` may match
+            self._names.setdefault(normalise(d["name"]), ("name", [d["name"]]))
+        for d in diseases:
+            for alias in d.get("aliases", []):
+                if normalise(alias):
+                    self._names.setdefault(normalise(alias), ("alias", [d["name"]]))
+        for word, why, covered in _usage_forms(usage or {}):
+            covered = [name for name in covered if name in self.diseases]
+            if normalise(word) and (covered or why == "not"):
+                self._names.setdefault(normalise(word), (why, covered))
+        self._automaton = _automaton(self._names)
+        self._fuzzy_forms = sorted((f for f, (why, names) in self._names.items()
+                                    if len(f) >= 5 and names and not f.isascii() and not f[:3].isascii()),
+                                   key=len, reverse=True)  # what `link(fuzzy=True)` may match
         self._vocab = {}  # attribute -> {normalised form: canonical item}, over all diseases
-        self._owners = {}  # normalised form of 2+ characters -> [(disease, attribute)] whose items it is
         for attribute in ATTRIBUTES:
             forms = {}
             for d in diseases:
                 for item in self.items(d["name"], attribute):
                     for form in self.forms(item):
                         forms.setdefault(form, item)
-                        if len(form) >= 2:
-                            self._owners.setdefault(form, []).append((d["name"], attribute))
             self._vocab[attribute] = forms
-        self._longest_item = max(map(len, self._owners), default=0)
 
     @classmethod
     def builtin(cls, kb_dir: str | Path | None = None) -> "KnowledgeIndex":
@@ -109,51 +97,120 @@ class KnowledgeIndex:
 
     def forms(self, item: str) -> list[str]:
         """An item's normalised wordings: itself, its synonyms, and the aliases of the disease it names."""
-        forms = [item, *SYNONYMS.get(item, [])]
+        forms = wordings(item)
         entry = self.diseases.get(item)
         if entry:
             forms += entry.get("aliases", [])
         return [f for f in dict.fromkeys(normalise(f) for f in forms) if f]
 
-    def link(self, text: str, fuzzy: bool = False) -> list[str]:
-        """Diseases named in `text`, longest names first and without overlaps, in order of appearance. With `fuzzy`,
-        a text that names none exactly links to the one name or alias of 5+ characters that it contains with one
-        character changed (rapidfuzz partial_ratio ≥ FUZZY_CUTOFF; a tie links none)."""
-        said, found, taken = normalise(text), [], []
-        for form in self._by_length:
-            start = said.find(form)
-            while start >= 0:
-                span = range(start, start + len(form))
-                if not any(s in t for t in taken for s in (span.start, span.stop - 1)):
-                    taken.append(span)
-                    found.append((start, self._names[form]))
-                start = said.find(form, start + 1)
-        if not found and fuzzy:
-            return self._fuzzy_link(said)
-        return list(dict.fromkeys(name for _, name in sorted(found)))
+    # --- linking: the diseases a text names -----------------------------------------------------------------------
 
-    def _fuzzy_link(self, said: str) -> list[str]:
+    def link(self, text: str, fuzzy: bool = False) -> list[str]:
+        """Diseases named in `text`, in order of appearance (a generic word's entries in its order); with `fuzzy`,
+        also by sound or with one character changed when none is named as written (`link_matches`)."""
+        return list(dict.fromkeys(m.disease for m in self.link_matches(text, fuzzy)))
+
+    def link_matches(self, text: str, fuzzy: bool = False) -> list[Match]:
+        """The entries `text` names: the longest name, alias or usage word at each place, left to right, without
+        overlaps (so 急性肾盂肾炎 wins over 肾炎 inside it, and a `not` word such as 丙肝 hides 肝 words); a word of
+        Latin letters only where it stands alone (SLE, not the `as` of `was`). With `fuzzy`, a text that names
+        none links to a name of 3+ characters it contains written with other characters of the same sound (唐尿病),
+        else to the one name of 5+ characters it contains with one character changed (rapidfuzz partial_ratio ≥
+        FUZZY_CUTOFF; a tie links none)."""
+        said = normalise(text)
+        found = []
+        for end, form in self._automaton.iter_long(said) if self._names else ():
+            start = end - len(form) + 1
+            if form.isascii() and ((start > 0 and said[start - 1].isascii() and said[start - 1].isalnum())
+                                   or (end + 1 < len(said) and said[end + 1].isascii() and said[end + 1].isalnum())):
+                continue
+            why, names = self._names[form]
+            found += [Match(name, why, 1.0 if rank == 0 else 0.9) for rank, name in enumerate(names)]
+        if not found and fuzzy:
+            found = self._sound_link(said) or self._fuzzy_link(said)
+        return _unique(found)
+
+    def _sound_link(self, said: str) -> list[Match]:
+        table = self._sounds
+        if not table or said.isascii():
+            return []
+        code = _sound_code(said)
+        found = []
+        for _, key in table[1].iter_long(code):
+            why, names = self._names[table[0][key]]
+            found += [Match(name, "sound", 0.8) for name in names]
+        return found
+
+    @cached_property
+    def _sounds(self):
+        """({sound code: form}, automaton over the codes) for the linking forms of SOUND_MIN_CHARS+ Chinese
+        characters."""
+        codes = {}
+        for form, (_, names) in self._names.items():
+            if names and len(form) >= SOUND_MIN_CHARS and not any(c.isascii() for c in form):
+                codes.setdefault(_sound_code(form), form)
+        return (codes, _automaton(codes)) if codes else None
+
+    def _fuzzy_link(self, said: str) -> list[Match]:
         from rapidfuzz import fuzz, process
 
         best = process.extract(said, self._fuzzy_forms, scorer=fuzz.partial_ratio, score_cutoff=FUZZY_CUTOFF,
                                limit=2)
         if not best or (len(best) == 2 and best[1][1] == best[0][1]
-                        and self._names[best[1][0]] != self._names[best[0][0]]):
+                        and self._names[best[1][0]][1] != self._names[best[0][0]][1]):
             return []
-        return [self._names[best[0][0]]]
+        return [Match(name, "fuzzy", best[0][1] / 100) for name in self._names[best[0][0]][1]]
+
+    # --- ranking: the diseases a description may point to --------------------------------------------------------
+
+    def describe(self, text: str, limit: int = 2) -> list[Match]:
+        """The entries whose items (symptoms, drugs, examinations, causes, …) a description shares most, ranked by
+        BM25 over the question's terms (each item found in it, by any of its wordings, is one term; `jieba` cuts
+        the rest); the best one only, and [] below the confidence bar (MIN_DESCRIPTION_SCORE, LEAD,
+        MIN_SHARED_TERMS). A
+        drug named in full in a question that asks what it is for links as `items` and is not a mere possibility; a
+        description's symptoms give possibilities."""
+        ranker = self._ranker
+        terms = ranker.terms(text)
+        if not terms:
+            return []
+        scored = ranker.score(terms)
+        if not scored:
+            return []
+        if re.search(ASKS_USE, text):  # what a drug is for: the entries that list a drug it names, firmly
+            firm = self._drug_users(terms)
+            if firm:
+                return [Match(d, "items") for d in firm[:limit]]
+        (best, top, shared), runner_up = scored[0], (scored[1][1] if len(scored) > 1 else 0.0)
+        if top >= MIN_DESCRIPTION_SCORE and top >= LEAD * runner_up and len(shared) >= MIN_SHARED_TERMS:
+            return [Match(best, "items", top, possible=True)]
+        return []
+
+    def _drug_users(self, terms: list[str]) -> list[str]:
+        """The entries listing a drug among `terms` (named in full, 3+ characters), those listing it earlier (a
+        first-line drug) first, then by name."""
+        rank = {}
+        for name in self.diseases:
+            drugs = [normalise(x) for x in self.items(name, "drugs")]
+            places = [drugs.index(t) for t in terms if len(t) >= 3 and t in drugs]
+            if places:
+                rank[name] = min(places)
+        return sorted(rank, key=lambda name: (rank[name], name))
+
+    @cached_property
+    def _ranker(self) -> "_Ranker":
+        return _Ranker(self)
+
+    # --- what is asked, and the facts --------------------------------------------------------------------------
 
     def asked_attribute(self, question: str) -> str | None:
         """The one attribute a question asks for, or None when it asks for none or several."""
-        hits = self.asked_attributes(question)
+        hits = asked_attributes(question)
         return hits[0] if len(hits) == 1 else None
 
     @staticmethod
     def asked_attributes(question: str) -> list[str]:
-        """Every attribute a question asks for, in _ASKS order."""
-        hits = [a for a, pattern in _ASKS.items() if re.search(pattern, question)]
-        if "drugs" in hits and "treatments" in hits:
-            hits.remove("treatments")
-        return hits
+        return asked_attributes(question)
 
     def names(self, text: str, item: str) -> bool:
         """Whether `text` names `item` (exactly, by synonym or alias, or with one character changed)."""
@@ -174,33 +231,35 @@ class KnowledgeIndex:
         return {self._vocab[attribute][f] for f in kept}
 
     def retrieve(self, question: str, max_diseases: int = 2, context=()) -> "Retrieved":
-        """The facts a question needs. Diseases: those it names (exactly, else with one character changed), else
-        those the nearest of the earlier turns in `context` (newest first) names (a follow-up such as 它用什么药
-        is about the disease of the conversation), else, for
-        a question that asks which disease (or department, or what a drug is for), those whose entries hold the
-        most of the items it names (a drug, symptoms: 吡格列酮治什么病). For each:
-        the department, and the attributes it asks for (up to three; every attribute for 介绍/怎么回事; the
-        department, symptoms and drugs when it asks for none in particular); aliases and ICD chapter when asked.
-        Lists are cut at MAX_ITEMS items."""
-        diseases = self.link(question, fuzzy=True)[:max_diseases]
+        """The facts a question needs. Diseases: those it names (`link_matches`, by name, alias, usage, generic
+        word, sound or one changed character), else those the nearest of the earlier turns in `context` (newest
+        first) names (a follow-up such as 它用什么药 is about the disease of the conversation), else, for a
+        question that asks which disease (or department, or what a drug is for) or describes symptoms at length,
+        the entries its description points to (`describe`: ranked, with a confidence bar, shown as possibilities).
+        For each: the department, and the attributes it asks for (up to three; every attribute for 介绍/怎么回事;
+        the department, symptoms and drugs when it asks for none in particular); aliases and ICD chapter when
+        asked. Lists are cut at MAX_ITEMS items."""
+        matches = self.link_matches(question, fuzzy=True)[:max_diseases]
         for earlier in context:
-            if diseases:
+            if matches:
                 break
-            diseases = self.link(earlier, fuzzy=True)[:max_diseases]
+            matches = [Match(m.disease, "context", m.score, m.possible)
+                       for m in self.link_matches(earlier, fuzzy=True)[:max_diseases]]
         asked = self.asked_attributes(question)
         matched: dict[str, list[str]] = {}
-        if not diseases and re.search(_ASKS_DISEASE, question):
-            matched = self._owners_of_items(question, max_diseases)
-            diseases = list(matched)
-        if re.search(_ASKS_ALL, question):
+        if not matches and (re.search(ASKS_DISEASE, question) or len(normalise(question)) >= 30):
+            matches = self.describe(question, max_diseases)
+            matched = {m.disease: self._ranker.keys_of(question, m.disease) for m in matches}
+        diseases = [m.disease for m in matches]
+        if re.search(ASKS_ALL, question):
             keys = list(ATTRIBUTES)
         else:
             keys = ["department", *asked] if 0 < len(asked) <= 3 else list(DEFAULT_KEYS)
-        keys += [key for key, pattern in _ASKS_EXTRA.items() if re.search(pattern, question)]
+        keys += [key for key, pattern in ASKS_EXTRA.items() if re.search(pattern, question)]
         keys = [key for key in dict.fromkeys(keys)]
         facts = [(d, key, self.items(d, key)[:MAX_ITEMS]) for d in diseases
                  for key in dict.fromkeys([*keys, *matched.get(d, [])]) if self.items(d, key)]
-        return Retrieved(diseases, asked[0] if len(asked) == 1 else None, facts)
+        return Retrieved(diseases, asked[0] if len(asked) == 1 else None, facts, matches)
 
     def retrieve_turn(self, instruction: str, input: str = "", history=()) -> "Retrieved":
         """`retrieve` for a record's last turn: its instruction (and input), a follow-up's disease from the earlier
@@ -208,38 +267,14 @@ class KnowledgeIndex:
         return self.retrieve(f"{instruction}\n{input}" if input else instruction,
                              context=[user for user, _ in reversed(history)])
 
-    def _owners_of_items(self, question: str, limit: int) -> dict[str, list[str]]:
-        """The diseases whose entries hold the most (by characters, MIN_ITEM_CHARS or more) of the items `question`
-        names, with the attributes those items are in; ties go to the name first in sorted order. Items are found by
-        looking the question's substrings up (longest first, without overlaps, each item once), not by scanning the
-        tens of thousands of CMeKG items."""
-        said, spans = normalise(question), []
-        for start in range(len(said)):
-            for end in range(min(len(said), start + self._longest_item), start + 1, -1):
-                if said[start:end] in self._owners:
-                    spans.append((start, end))
-                    break
-        taken, seen, score, keys = [], set(), {}, {}
-        for start, end in sorted(spans, key=lambda span: (span[0] - span[1], span[0])):
-            form = said[start:end]
-            if form in seen or any(start < stop and begin < end for begin, stop in taken):
-                continue
-            taken.append((start, end))
-            seen.add(form)
-            for disease, key in self._owners[form]:
-                score[disease] = score.get(disease, 0) + len(form)
-                keys.setdefault(disease, []).append(key)
-        best = sorted((d for d in score if score[d] >= MIN_ITEM_CHARS), key=lambda d: (-score[d], d))[:limit]
-        return {d: list(dict.fromkeys(keys[d])) for d in best}
-
     def facts(self, diseases: list[str], keys) -> list[tuple[str, str, list[str]]]:
         return [(d, key, self.items(d, key)[:MAX_ITEMS]) for d in diseases for key in keys if self.items(d, key)]
 
     @cached_property
     def sha256(self) -> str:
-        """The content hash of the knowledge (recorded in an adapter's medlora.json)."""
-        text = json.dumps(sorted(self.diseases.values(), key=lambda d: d["name"]), ensure_ascii=False,
-                          sort_keys=True)
+        """The content hash of the knowledge and its linking words (recorded in an adapter's medlora.json)."""
+        text = json.dumps([sorted(self.diseases.values(), key=lambda d: d["name"]), sorted(self._names.items())],
+                          ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
@@ -250,71 +285,158 @@ class KnowledgeIndex:
         return cls(read_knowledge_file(source))
 
 
+class _Ranker:
+    """BM25 (bm25s, Lucene's variant) over each entry's items, one document an entry. Terms: each item whole, and
+    its words as jieba cuts them (for search: 咳嗽咳痰超过2周 also gives 咳嗽, 咳痰). A question's terms: every item it
+    names by any wording (拉肚子 is 腹泻; longest first, without overlaps), then the jieba words of the question that
+    some document holds; the items are in jieba's dictionary, so documents and questions are cut alike."""
+
+    def __init__(self, index: KnowledgeIndex):
+        import bm25s
+        import jieba
+
+        self.index = index
+        self.names = sorted(index.diseases)
+        self.item_forms: dict[str, str] = {}  # normalised wording -> normalised item
+        self.keys: dict[tuple[str, str], list[str]] = {}  # (disease, term) -> attributes holding it
+        self.cutter = jieba.Tokenizer()
+        items = {normalise(item) for name in self.names for key in RANKED_ATTRIBUTES
+                 for item in index.items(name, key)}
+        for item in sorted(items):
+            if len(item) >= 2:
+                self.cutter.add_word(item)
+        docs = []
+        for name in self.names:
+            doc = []
+            for key in RANKED_ATTRIBUTES:
+                for item in index.items(name, key):
+                    term = normalise(item)
+                    if len(term) < 2:
+                        continue
+                    for form in index.forms(item):
+                        if len(form) >= 2:
+                            self.item_forms.setdefault(form, term)
+                    for word in dict.fromkeys([term, *self.words(term)]):
+                        doc.append(word)
+                        self.keys.setdefault((name, word), []).append(key)
+            docs.append(doc)
+        self.automaton = _automaton(self.item_forms)
+        self.vocab = {term: i for i, term in enumerate(sorted({t for doc in docs for t in doc}))}
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenization.Tokenized(ids=[[self.vocab[t] for t in doc] for doc in docs],
+                                                          vocab=self.vocab), show_progress=False)
+
+    def words(self, text: str) -> list[str]:
+        """jieba's words of 2+ characters (search mode), each in its canonical wording (发烧 → 发热)."""
+        return [canonical(w) for w in self.cutter.lcut_for_search(text) if len(w) >= 2]
+
+    def terms(self, text: str) -> list[str]:
+        """The terms of a text that some document holds: the items it names, then its words; each once."""
+        said = normalise(text)
+        found = [self.item_forms[form] for _, form in self.automaton.iter_long(said)] if self.item_forms else []
+        return [t for t in dict.fromkeys([*found, *self.words(said)]) if t in self.vocab]
+
+    def score(self, terms: list[str]) -> list[tuple[str, float, set[str]]]:
+        """(disease, BM25 score, the terms its document holds), best first (ties by name), the first 8."""
+        import numpy as np
+
+        scores = np.asarray(self.retriever.get_scores([self.vocab[t] for t in terms]), dtype=float)
+        order = sorted((i for i in range(len(scores)) if scores[i] > 0), key=lambda i: (-scores[i], self.names[i]))
+        return [(self.names[i], float(scores[i]), {t for t in terms if (self.names[i], t) in self.keys})
+                for i in order[:8]]
+
+    def keys_of(self, text: str, disease: str) -> list[str]:
+        """The attributes of `disease` whose items the text names (shown beside the asked ones)."""
+        return list(dict.fromkeys(key for term in self.terms(text) for key in self.keys.get((disease, term), [])))
+
+
+def _usage_forms(usage: dict):
+    """(word, why, diseases) for each word of a usage table (kb/usage.yaml)."""
+    for word, name in (usage.get("names") or {}).items():
+        yield str(word), "usage", [name]
+    for word, names in (usage.get("generic") or {}).items():
+        yield str(word), "generic", list(names)
+    for word in usage.get("not") or []:
+        yield str(word), "not", []
+
+
+def _automaton(words):
+    """An Aho-Corasick automaton (pyahocorasick) whose matches give back the word."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton()
+    for word in words:
+        automaton.add_word(word, word)
+    if len(automaton):
+        automaton.make_automaton()
+    return automaton
+
+
+_SYLLABLES: dict[str, str] = {}  # syllable -> its private-use character, given out in order of first use
+# Sounds many speakers do not tell apart, written alike (帕金深 for 帕金森, 兰尾炎 for 阑尾炎, 流脑 for 牛脑 ...): zh/z,
+# ch/c, sh/s, n/l at the start, and -ng/-n at the end.
+_LOOSE = {"zh": "z", "ch": "c", "sh": "s", "n": "l", "ng": "n"}
+_LOOSE_SOUNDS = re.compile(r"^(?:zh|ch|sh|n(?!g))|ng$")
+
+
+def _sound_code(text: str) -> str:
+    """One private-use character per syllable (pinyin without tone, loose sounds alike: _LOOSE), so that an automaton
+    can match sounds: 唐尿病 and 糖尿病 have one code. Other characters stay as they are."""
+    from pypinyin import lazy_pinyin
+
+    out = []
+    for char in text:
+        if "\u4e00" <= char <= "\u9fff":
+            syllable = _LOOSE_SOUNDS.sub(lambda m: _LOOSE[m.group(0)], lazy_pinyin(char)[0])
+            char = _SYLLABLES.setdefault(syllable, chr(0xE000 + len(_SYLLABLES)))
+        out.append(char)
+    return "".join(out)
+
+
+def _unique(matches: list[Match]) -> list[Match]:
+    seen, out = set(), []
+    for m in matches:
+        if m.disease not in seen:
+            seen.add(m.disease)
+            out.append(m)
+    return out
+
+
 @dataclass
 class Retrieved:
-    """What `KnowledgeIndex.retrieve` found: the linked diseases, the attribute asked, and (disease, attribute,
-    items) facts."""
+    """What `KnowledgeIndex.retrieve` found: the linked diseases, the attribute asked, (disease, attribute, items)
+    facts, and for each disease how it matched (`Match`: why, score, whether only a possibility)."""
 
     diseases: list[str]
     attribute: str | None
     facts: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    matches: list[Match] = field(default_factory=list)
+
+    def possible(self, disease: str) -> bool:
+        return any(m.disease == disease and m.possible for m in self.matches)
 
     def text(self) -> str:
-        """The facts as short lines (`支气管哮喘·常用药物：沙丁胺醇、孟鲁司特`), empty when nothing was found."""
-        return "\n".join(f"{d}·{LABELS[key]}：{'、'.join(items)}" for d, key, items in self.facts)
+        """The facts as short lines (`支气管哮喘·常用药物：沙丁胺醇、孟鲁司特`), empty when nothing was found; a
+        possibility for a description is marked (`可能相关：…`), never shown as the patient's disease."""
+        return "\n".join(f"{POSSIBLE + '：' if self.possible(d) else ''}{d}·{LABELS[key]}：{'、'.join(items)}"
+                         for d, key, items in self.facts)
+
+    def why(self) -> str:
+        """How each entry matched, for people (`2型糖尿病 (generic, 1.00)`)."""
+        return "；".join(f"{m.disease}（{POSSIBLE if m.possible else m.why}，{m.score:.2f}）" for m in self.matches)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Retrieved":
         return cls(list(data.get("diseases", [])), data.get("attribute"),
-                   [(f["disease"], f["attribute"], list(f["items"])) for f in data.get("facts", [])])
+                   [(f["disease"], f["attribute"], list(f["items"])) for f in data.get("facts", [])],
+                   [Match(m["disease"], m.get("why", "name"), float(m.get("score", 1.0)), bool(m.get("possible")))
+                    for m in data.get("matches", [])])
 
     def to_dict(self) -> dict:
         """The entries as results.jsonl, the server's `medlora_knowledge` field and the web page show them."""
         return {"diseases": self.diseases, "attribute": self.attribute,
-                "facts": [{"disease": d, "attribute": key, "items": items} for d, key, items in self.facts]}
-
-
-NOISE_KINDS = ("irrelevant", "partial", "missing")
-
-
-def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: float = 0.0, seed: int = 42
-                           ) -> tuple[list[dict], dict[str, int]]:
-    """Training records with the `knowledge` text the template shows, and how many got each kind of noise.
-
-    With probability `noise`, a record is changed so that the model learns to use good facts and ignore bad ones
-    (docs/knowledge.md): `irrelevant` adds another disease's entry (the answer stays); for a question about one
-    attribute of a linked disease (not a multiple-choice one), `partial` shows that disease's other attributes
-    instead of the asked one and `missing` shows no entry, and the answer becomes an honest "I have no reliable
-    information" (the wordings of the data's unknown-disease answers). A third of the noise goes to each kind."""
-    from medlora.databuild.safety import honest_answer
-    from medlora.evaluate import offered_letters
-
-    names = sorted(index.diseases)
-    out, counts = [], {kind: 0 for kind in NOISE_KINDS}
-    for number, record in enumerate(records):
-        rng = random.Random(f"{seed}\x1fknowledge\x1f{number}")
-        found = index.retrieve_turn(record["instruction"], record.get("input", ""), record.get("history") or ())
-        facts, output, kind = found.facts, record["output"], None
-        roll = rng.random()
-        single = found.attribute and found.facts and not offered_letters(record)
-        if roll < noise / 3 and names:
-            other = rng.choice(names)
-            keys = dict.fromkeys(key for _, key, _ in found.facts) or DEFAULT_KEYS
-            extra = index.facts([other], keys) if other not in found.diseases else []
-            facts = extra + facts if rng.random() < 0.5 else facts + extra
-            kind = "irrelevant" if extra else None
-        elif roll < noise and single:
-            disease = found.diseases[0]
-            if roll < 2 * noise / 3:
-                others = [key for key in ATTRIBUTES if key != found.attribute and index.items(disease, key)]
-                facts, kind = index.facts([disease], others[:2]), "partial"
-            else:
-                facts, kind = [], "missing"
-            output = honest_answer(disease, rng)
-        if kind:
-            counts[kind] += 1
-        out.append({**record, "output": output, "knowledge": Retrieved(found.diseases, found.attribute, facts).text()})
-    return out, counts
+                "facts": [{"disease": d, "attribute": key, "items": items} for d, key, items in self.facts],
+                "matches": [m.to_dict() for m in self.matches]}
 
 
 def read_knowledge_file(path: str | Path) -> list[dict]:
@@ -372,13 +494,29 @@ def _knowledge_record(row, where: str) -> dict:
 
 @lru_cache(maxsize=3)
 def _source(name: str) -> KnowledgeIndex:
-    from medlora.databuild import load_sources
+    from medlora.kb import load_sources
 
-    return KnowledgeIndex(load_sources(name))
+    return KnowledgeIndex(load_sources(name), usage_table() if name != "cmekg" else None)
 
 
 @lru_cache(maxsize=4)
 def _builtin(kb_dir: str | None) -> KnowledgeIndex:
-    from medlora.databuild import load_knowledge_base
+    from medlora.kb import load_knowledge_base
 
-    return KnowledgeIndex(load_knowledge_base(kb_dir))
+    return KnowledgeIndex(load_knowledge_base(kb_dir), usage_table())
+
+
+def usage_names(disease: str) -> list[str]:
+    """The words of kb/usage.yaml that mean `disease` (高血压, 血压高 for 原发性高血压; a generic word whose first entry
+    it is: 糖尿病 for 2型糖尿病), in the table's order."""
+    table = usage_table()
+    return [str(word) for word, name in (table.get("names") or {}).items() if name == disease] + \
+        [str(word) for word, names in (table.get("generic") or {}).items() if names[0] == disease]
+
+
+@lru_cache(maxsize=1)
+def usage_table() -> dict:
+    """kb/usage.yaml: the words people use for the curated entries (names, generic words, and `not` words)."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "kb" / "usage.yaml").read_text(encoding="utf-8"))

@@ -140,7 +140,7 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
     if data.val_data_path:
         val_records = load_records(data.val_data_path, columns=data.columns or None, data_format=data.data_format)
     if knowledge is not None:
-        from medlora.knowledge import knowledge_for_training
+        from medlora.databuild.noise import knowledge_for_training
 
         train_records, noise = knowledge_for_training(train_records, knowledge, data.knowledge_noise, seed)
         val_records, _ = knowledge_for_training(val_records, knowledge, 0.0, seed)

@@ -10,7 +10,7 @@ knowledge graph. `medlora data build` is the command.
 
 from medlora.databuild.assemble import (ALL_PATTERNS, SPLITS, TRAIN_ONLY_PATTERNS, build_dataset, build_records,
                                         build_tagged)
-from medlora.databuild.kb import CHAPTERS, KB_DIR, SOURCES, load_knowledge_base, load_sources
+from medlora.kb import CHAPTERS, KB_DIR, SOURCES, load_knowledge_base, load_sources
 from medlora.databuild.mcq import MCQ_PATTERNS
 
 __all__ = ["ALL_PATTERNS", "CHAPTERS", "KB_DIR", "MCQ_PATTERNS", "SOURCES", "SPLITS", "TRAIN_ONLY_PATTERNS",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medlora.databuild import safety
 from medlora.databuild.index import Index
-from medlora.databuild.kb import load_sources
+from medlora.kb import load_sources
 from medlora.databuild.mcq import MCQ_PATTERNS, lookup
 from medlora.databuild.patterns import PATTERNS, VARIED, drug_use, reverse_drug_item
 from medlora.errors import DataError

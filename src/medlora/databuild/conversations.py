@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medlora.databuild.assemble import _split, _unit
 from medlora.databuild.index import pick
-from medlora.databuild.kb import load_sources
+from medlora.kb import load_sources
 from medlora.databuild.patterns import attribute_answer
 from medlora.databuild.phrasing import phrasing
 from medlora.io import atomic_write_jsonl

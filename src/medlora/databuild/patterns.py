@@ -9,6 +9,7 @@ import random
 
 from medlora.databuild.index import Index, any_overlap, chapter_parts, distinct, join, person, pick, shown
 from medlora.databuild.phrasing import phrasing
+from medlora.knowledge import usage_names
 
 # the attribute patterns: pattern name -> knowledge-base key
 ATTRIBUTE_PATTERNS = {
@@ -242,8 +243,27 @@ def _prevention_advice(ix, d, rng):
     return q, f"预防{d['name']}，{advice}"
 
 
+# what a patient asking inside a narrative wants to know: the knowledge-base attributes a plain answer can give
+_NARRATIVE_KEYS = ("drugs", "treatments", "prevention", "complications", "examinations", "causes", "symptoms")
+
+
+def _narrative(ix, d, rng):
+    """A patient's or relative's own account (a hand-written frame: who, how long, what was done) naming the disease
+    as people do (高血压 for 原发性高血压, from kb/usage.yaml), then one attribute question; the answer is that
+    attribute's plain answer: a diagnosed, stable illness is no emergency."""
+    keys = [key for key in _NARRATIVE_KEYS if d.get(key)]
+    if not keys:
+        return None
+    key = rng.choice(keys)
+    said = rng.choice([d["name"], *usage_names(d["name"])])
+    frame = rng.choice(phrasing()["frames"]).format(name=said)
+    question = pick(rng, phrasing()["attributes"][key]["questions"], name=said)
+    return f"{frame}{question}", attribute_answer(d, key, rng)
+
+
 PATTERNS = {
     **{name: _attribute(key) for name, key in ATTRIBUTE_PATTERNS.items()},
+    "narrative": _narrative,
     "combo": _combo,
     "combo2": _combo,
     "patient_symptoms": _patient_symptoms,
@@ -263,5 +283,6 @@ PATTERNS = {
     "prevention_advice": _prevention_advice,
 }
 # patterns whose training pairs come in several wordings (question and answer drawn again)
-VARIED = frozenset([*ATTRIBUTE_PATTERNS, "combo", "combo2", "patient_symptoms", "serious", "alias", "vignette"])
+VARIED = frozenset([*ATTRIBUTE_PATTERNS, "combo", "combo2", "patient_symptoms", "serious", "alias", "vignette",
+                    "narrative"])
 

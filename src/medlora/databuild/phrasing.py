@@ -11,8 +11,13 @@ from pathlib import Path
 import yaml
 
 PHRASING_FILE = Path(__file__).with_name("phrasing.yaml")
+# The three triage registers besides emergencies (triage.yaml, hand-written): worrying-but-not-urgent questions
+# (`soon`: see a doctor within days, and go at once if …), everyday questions in patients' own words (`routine`: a
+# plain answer), and narrative openings for the knowledge patterns (`frames`).
+TRIAGE_FILE = Path(__file__).with_name("triage.yaml")
 
 
 @lru_cache(maxsize=1)
 def phrasing() -> dict:
-    return yaml.safe_load(PHRASING_FILE.read_text(encoding="utf-8"))
+    tables = yaml.safe_load(PHRASING_FILE.read_text(encoding="utf-8"))
+    return {**tables, **yaml.safe_load(TRIAGE_FILE.read_text(encoding="utf-8"))}

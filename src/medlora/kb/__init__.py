@@ -8,30 +8,11 @@ from pathlib import Path
 import yaml
 
 from medlora.errors import DataError
+from medlora.vocab import CHAPTERS
 
-KB_DIR = Path(__file__).parents[1] / "kb"
+KB_DIR = Path(__file__).parent
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader when libyaml is there (same result)
 
-CHAPTERS = (
-    "I 某些传染病和寄生虫病",
-    "II 肿瘤",
-    "III 血液及造血器官疾病和某些免疫疾患",
-    "IV 内分泌、营养和代谢疾病",
-    "V 精神和行为障碍",
-    "VI 神经系统疾病",
-    "VII 眼和附器疾病",
-    "VIII 耳和乳突疾病",
-    "IX 循环系统疾病",
-    "X 呼吸系统疾病",
-    "XI 消化系统疾病",
-    "XII 皮肤和皮下组织疾病",
-    "XIII 肌肉骨骼系统和结缔组织疾病",
-    "XIV 泌尿生殖系统疾病",
-    "XV 妊娠、分娩和产褥期",
-    "XVI 起源于围生期的某些情况",
-    "XVII 先天性畸形、变形和染色体异常",
-    "XIX 损伤、中毒和外因的某些其他后果",
-)
 STRING_FIELDS = ("name", "icd10_chapter", "department")
 REQUIRED_LISTS = ("causes", "symptoms", "examinations", "treatments")
 OPTIONAL_LISTS = ("transmission", "drugs", "complications", "prevention", "high_risk_groups", "aliases")
