@@ -6,6 +6,7 @@ miswritings, descriptions that only give possibilities)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -165,3 +166,55 @@ def test_the_linking_set_is_labelled_with_knowledge_base_names(index):
     for number, r in enumerate(rows, 1):
         assert all(n in index.diseases for n in [*r["entries"], *r["acceptable"]]), f"linking record {number}"
         assert not set(r["entries"]) & set(r["acceptable"]), f"linking record {number}"
+
+
+# --- the triage registers of the training data ---------------------------------------------------------------------
+
+def test_the_soon_and_routine_registers_carry_no_red_flag_and_no_urgent_order():
+    """The hand-written soon/routine pairs are what teaches the model that worry is not a red flag: their questions
+    hold no red-flag word of kb/red_flags.yaml, their answers give no urgent order (a soon answer names its red flags
+    in a conditional sentence), and every red flag cites its source."""
+    from medlora.databuild.phrasing import phrasing
+    from medlora.kb import red_flags
+    from medlora.vocab import normalise
+
+    flags = red_flags()
+    assert len(flags) >= 25 and all(f["flag"] and f["words"] and f["source"] for f in flags)
+    words = [normalise(w) for f in flags for w in f["words"]]
+    tables = phrasing()
+    for kind in ("soon", "routine"):
+        assert len(tables[kind]) >= 70
+        for pair in tables[kind]:
+            said = normalise(pair["question"])
+            assert not [w for w in words if w in said], pair["question"]
+            assert not urges(pair["answer"]), pair["answer"]
+    assert all(re.search(r"如果|一旦", pair["answer"]) for pair in tables["soon"])
+    assert all(frame.count("{name}") == 1 for frame in tables["frames"])
+
+
+# --- one vocabulary at the bottom ---------------------------------------------------------------------------------
+
+def _imports(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medlora"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("medlora")}
+    return found
+
+
+def test_retrieval_data_generation_and_scoring_take_their_words_from_the_vocabulary():
+    """medlora.vocab imports nothing of ours; retrieval imports neither scoring nor data generation; data generation
+    does not import scoring; scoring does not import data generation (each reads words from medlora.vocab)."""
+    src = REPO / "src" / "medlora"
+    assert _imports(src / "vocab.py") == set()
+    rules = {"knowledge.py": ("medlora.evaluate", "medlora.databuild"), "kb/__init__.py": ("medlora.evaluate",
+             "medlora.databuild", "medlora.knowledge"), "evaluate.py": ("medlora.databuild",)}
+    rules.update({f"databuild/{p.name}": ("medlora.evaluate",) for p in (src / "databuild").glob("*.py")})
+    for name, forbidden in rules.items():
+        bad = sorted(m for m in _imports(src / name) if m.startswith(forbidden))
+        assert not bad, f"{name} imports {bad}"

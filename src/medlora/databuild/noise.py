@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 from medlora.databuild.safety import honest_answer
-from medlora.knowledge import DEFAULT_KEYS, KnowledgeIndex, Retrieved
-from medlora.vocab import ATTRIBUTES, offered_letters
+from medlora.knowledge import KnowledgeIndex, Retrieved
+from medlora.vocab import ATTRIBUTES, DEFAULT_KEYS, offered_letters
 
 
 NOISE_KINDS = ("irrelevant", "partial", "missing")

@@ -91,6 +91,12 @@ def load_knowledge_base(kb_dir: str | Path | None = None) -> list[dict]:
     return diseases
 
 
+def red_flags() -> list[dict]:
+    """kb/red_flags.yaml: the clinical red flags that make a question an emergency (`flag`, the `words` patients
+    use for it, and the public triage guidance it is taken from), the one list the triage data is checked against."""
+    return yaml.load((KB_DIR / "red_flags.yaml").read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+
+
 SOURCES = ("kb", "cmekg", "both")
 
 
