@@ -34,8 +34,8 @@ MIN_DESCRIPTION_SCORE = 5.0
 LEAD = 1.5
 MIN_SHARED_TERMS = 2
 RANKED_ATTRIBUTES = ("symptoms", "drugs", "examinations", "causes", "complications", "high_risk_groups")
-POSSIBLE = "可能相关"
-ASKS_USE = r"治什么|用于什么|有什么用|用途|适应[证症]|针对什么|治疗什么|治哪"  # what a drug is for  # how a candidate for a description is shown: something to check with a doctor
+POSSIBLE = "可能相关"  # how a candidate for a description is shown: something to check with a doctor
+ASKS_USE = r"治什么|用于什么|有什么用|用途|适应[证症]|针对什么|治疗什么|治疗哪|治哪|用来治"  # what a drug is for
 
 
 @dataclass(frozen=True)
