@@ -35,6 +35,7 @@ $(LLAMACPP_STAMP): $(STAMP)
 llamacpp: $(LLAMACPP_STAMP)
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache  # the import contract of pyproject.toml ([tool.importlinter])
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP) $(LLAMACPP_STAMP)

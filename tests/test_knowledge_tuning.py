@@ -112,10 +112,10 @@ def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowled
                  str(questions), "--model_output_dir", str(res), "--max_new_tokens", "4", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     blocks = out.split("###Instruction###\n")[1:]
-    assert "###knowledge###\n青岚热·就诊科室：感染科\n青岚热·常用药物：甲泊韦\n###golden output###" in blocks[0]
+    assert "###knowledge###\n青岚热·就诊科室：感染科\n青岚热·常用药物：甲泊韦\n（匹配：青岚热（" in blocks[0]  # and how it matched
     assert f"###knowledge###\n{NO_KNOWLEDGE}\n" in blocks[1]
     rows = [json.loads(line) for line in (res / "results.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert rows[0]["knowledge"]["diseases"] == ["青岚热"]
+    assert rows[0]["knowledge"]["diseases"] == ["青岚热"] and rows[0]["knowledge"]["matches"][0]["disease"] == "青岚热"
     assert {"disease": "青岚热", "attribute": "drugs", "items": ["甲泊韦"]} in rows[0]["knowledge"]["facts"]
     assert rows[1]["knowledge"]["facts"] == []
 

@@ -218,3 +218,8 @@ def test_retrieval_data_generation_and_scoring_take_their_words_from_the_vocabul
     for name, forbidden in rules.items():
         bad = sorted(m for m in _imports(src / name) if m.startswith(forbidden))
         assert not bad, f"{name} imports {bad}"
+
+
+def test_the_longest_name_wins_wherever_it_starts(index):
+    # 患上感染性心内膜炎 holds 上感 (an alias of 急性上呼吸道感染) starting before the longer name
+    assert index.link("什么样的人比较容易患上感染性心内膜炎？") == ["感染性心内膜炎"]

@@ -59,7 +59,7 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
     print(DISCLAIMER, flush=True)
     if retrain or not adapter_is_current(ADAPTER, RECIPE):
         print(f"[medlora] knowledge-tuning gemma3-270m with {RECIPE.relative_to(REPO)} (7 to 16 minutes on 2 CPU "
-              f"cores, then 6 to 18 minutes of evaluation: less when the base model's answers are cached)", flush=True)
+              f"cores, then 12 to 18 minutes of evaluation: less when the base model's answers are cached)", flush=True)
         code = medlora(["finetune", "--config", str(RECIPE)])
         if code:
             return code

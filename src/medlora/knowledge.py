@@ -111,19 +111,27 @@ class KnowledgeIndex:
         return list(dict.fromkeys(m.disease for m in self.link_matches(text, fuzzy)))
 
     def link_matches(self, text: str, fuzzy: bool = False) -> list[Match]:
-        """The entries `text` names: the longest name, alias or usage word at each place, left to right, without
-        overlaps (so 急性肾盂肾炎 wins over 肾炎 inside it, and a `not` word such as 丙肝 hides 肝 words); a word of
+        """The entries `text` names, in order of appearance: its names, aliases and usage words, the longest first and
+        without overlaps (so 急性肾盂肾炎 wins over 肾炎 inside it, 感染性心内膜炎 over the 上感 of 患上感染…, and a `not`
+        word such as 丙肝 hides the 肝 words in it); a word of
         Latin letters only where it stands alone (SLE, not the `as` of `was`). With `fuzzy`, a text that names
         none links to a name of 3+ characters it contains written with other characters of the same sound (唐尿病),
         else to the one name of 5+ characters it contains with one character changed (rapidfuzz partial_ratio ≥
         FUZZY_CUTOFF; a tie links none)."""
         said = normalise(text)
-        found = []
-        for end, form in self._automaton.iter_long(said) if self._names else ():
+        spans = []  # every place a form occurs (one automaton pass), then the longest first without overlaps
+        for end, form in self._automaton.iter(said) if self._names else ():
             start = end - len(form) + 1
             if form.isascii() and ((start > 0 and said[start - 1].isascii() and said[start - 1].isalnum())
                                    or (end + 1 < len(said) and said[end + 1].isascii() and said[end + 1].isalnum())):
                 continue
+            spans.append((start, end + 1, form))
+        taken = []
+        for start, stop, form in sorted(spans, key=lambda span: (span[0] - span[1], span[0])):
+            if not any(start < b and a < stop for a, b, _ in taken):
+                taken.append((start, stop, form))
+        found = []
+        for _, _, form in sorted(taken):
             why, names = self._names[form]
             found += [Match(name, why, 1.0 if rank == 0 else 0.9) for rank, name in enumerate(names)]
         if not found and fuzzy:

@@ -41,7 +41,8 @@ def format_block(row: dict) -> str:
         from medlora.knowledge import Retrieved
         from medlora.templates import NO_KNOWLEDGE
 
-        lines += ["###knowledge###", Retrieved.from_dict(row["knowledge"]).text() or NO_KNOWLEDGE]
+        found = Retrieved.from_dict(row["knowledge"])
+        lines += ["###knowledge###", found.text() or NO_KNOWLEDGE, *([f"（匹配：{found.why()}）"] if found.matches else [])]
     if row.get("golden"):
         lines += ["###golden output###", row["golden"]]
     lines += ["###model output###", row["output"]]

@@ -76,7 +76,9 @@ class Usage(BaseModel):
 
 
 KNOWLEDGE_FIELD = ("medlora's own: the knowledge-base entries retrieved for the last user message "
-                   "({diseases, attribute, facts: [{disease, attribute, items}]}); absent when knowledge is off")
+                   "({diseases, attribute, facts: [{disease, attribute, items}], matches: [{disease, why, score, possible}]}: "
+                   "why each entry matched, and whether it is only a possibility to check with a doctor); absent when "
+                   "knowledge is off")
 
 
 class AssistantMessage(BaseModel):

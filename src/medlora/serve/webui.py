@@ -69,7 +69,8 @@ def knowledge_markdown(found) -> str:
     if found is None:
         return ""
     body = "\n".join(f"- {line}" for line in found.text().splitlines() or [NO_KNOWLEDGE])
-    return f"**知识库条目 · knowledge used**\n\n{body}"
+    why = f"\n\n匹配 · matched: {found.why()}" if found.matches else ""
+    return f"**知识库条目 · knowledge used**\n\n{body}{why}"
 
 
 def to_messages(history: list[tuple[str, str]]) -> list[dict]:
