@@ -162,12 +162,25 @@ class KnowledgeIndex:
     def _fuzzy_link(self, said: str) -> list[Match]:
         from rapidfuzz import fuzz, process
 
-        best = process.extract(said, self._fuzzy_forms, scorer=fuzz.partial_ratio, score_cutoff=FUZZY_CUTOFF,
-                               limit=2)
+        pairs = {said[i:i + 2] for i in range(len(said) - 1)}
+        # only forms sharing a character pair with the text can match with one character changed (5+ characters
+        # keep 2+ of their pairs); scoring thousands of CMeKG forms for every question was most of retrieval's time
+        places = self._fuzzy_pairs
+        candidates = sorted({form for pair in pairs for form in places.get(pair, ())}, key=places[""].get)
+        best = process.extract(said, candidates, scorer=fuzz.partial_ratio, score_cutoff=FUZZY_CUTOFF, limit=2)
         if not best or (len(best) == 2 and best[1][1] == best[0][1]
                         and self._names[best[1][0]][1] != self._names[best[0][0]][1]):
             return []
         return [Match(name, "fuzzy", best[0][1] / 100) for name in self._names[best[0][0]][1]]
+
+    @cached_property
+    def _fuzzy_pairs(self) -> dict[str, set[str]]:
+        """Character pair -> the fuzzy forms holding it; "" -> {form: its place in _fuzzy_forms} (the order kept)."""
+        pairs: dict = {"": {form: place for place, form in enumerate(self._fuzzy_forms)}}
+        for form in self._fuzzy_forms:
+            for i in range(len(form) - 1):
+                pairs.setdefault(form[i:i + 2], set()).add(form)
+        return pairs
 
     # --- ranking: the diseases a description may point to --------------------------------------------------------
 
@@ -257,7 +270,8 @@ class KnowledgeIndex:
         matched: dict[str, list[str]] = {}
         if not matches and (re.search(ASKS_DISEASE, question) or len(normalise(question)) >= 30):
             matches = self.describe(question, max_diseases)
-            matched = {m.disease: self._ranker.keys_of(question, m.disease) for m in matches}
+            terms = self._ranker.terms(question) if matches else []
+            matched = {m.disease: self._ranker.keys_of(terms, m.disease) for m in matches}
         diseases = [m.disease for m in matches]
         if re.search(ASKS_ALL, question):
             keys = list(ATTRIBUTES)
@@ -349,13 +363,14 @@ class _Ranker:
         import numpy as np
 
         scores = np.asarray(self.retriever.get_scores([self.vocab[t] for t in terms]), dtype=float)
-        order = sorted((i for i in range(len(scores)) if scores[i] > 0), key=lambda i: (-scores[i], self.names[i]))
+        # names are sorted, so a stable sort by score keeps ties in name order
+        order = [int(i) for i in np.argsort(-scores, kind="stable")[:8] if scores[i] > 0]
         return [(self.names[i], float(scores[i]), {t for t in terms if (self.names[i], t) in self.keys})
                 for i in order[:8]]
 
-    def keys_of(self, text: str, disease: str) -> list[str]:
-        """The attributes of `disease` whose items the text names (shown beside the asked ones)."""
-        return list(dict.fromkeys(key for term in self.terms(text) for key in self.keys.get((disease, term), [])))
+    def keys_of(self, terms: list[str], disease: str) -> list[str]:
+        """The attributes of `disease` holding the question's `terms` (shown beside the asked ones)."""
+        return list(dict.fromkeys(key for term in terms for key in self.keys.get((disease, term), [])))
 
 
 def _usage_forms(usage: dict):
@@ -390,15 +405,16 @@ _LOOSE_SOUNDS = re.compile(r"^(?:zh|ch|sh|n(?!g))|ng$")
 def _sound_code(text: str) -> str:
     """One private-use character per syllable (pinyin without tone, loose sounds alike: _LOOSE), so that an automaton
     can match sounds: 唐尿病 and 糖尿病 have one code. Other characters stay as they are."""
+    return "".join(_sound_char(char) if "\u4e00" <= char <= "\u9fff" else char for char in text)
+
+
+@lru_cache(maxsize=None)
+def _sound_char(char: str) -> str:
+    """A Chinese character's sound as one private-use character (cached: pypinyin costs ~30 µs a character)."""
     from pypinyin import lazy_pinyin
 
-    out = []
-    for char in text:
-        if "\u4e00" <= char <= "\u9fff":
-            syllable = _LOOSE_SOUNDS.sub(lambda m: _LOOSE[m.group(0)], lazy_pinyin(char)[0])
-            char = _SYLLABLES.setdefault(syllable, chr(0xE000 + len(_SYLLABLES)))
-        out.append(char)
-    return "".join(out)
+    syllable = _LOOSE_SOUNDS.sub(lambda m: _LOOSE[m.group(0)], lazy_pinyin(char)[0])
+    return _SYLLABLES.setdefault(syllable, chr(0xE000 + len(_SYLLABLES)))
 
 
 def _unique(matches: list[Match]) -> list[Match]:
