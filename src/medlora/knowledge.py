@@ -113,8 +113,8 @@ class KnowledgeIndex:
     def link_matches(self, text: str, fuzzy: bool = False) -> list[Match]:
         """The entries `text` names, in order of appearance: its names, aliases and usage words, the longest first and
         without overlaps (so 急性肾盂肾炎 wins over 肾炎 inside it, 感染性心内膜炎 over the 上感 of 患上感染…, and a `not`
-        word such as 丙肝 hides the 肝 words in it); a word of
-        Latin letters only where it stands alone (SLE, not the `as` of `was`). With `fuzzy`, a text that names
+        word such as 丙肝 hides the 肝 words in it); a word of Latin letters only where it stands alone (SLE, not the
+        `as` of `was`). With `fuzzy`, a text that names
         none links to a name of 3+ characters it contains written with other characters of the same sound (唐尿病),
         else to the one name of 5+ characters it contains with one character changed (rapidfuzz partial_ratio ≥
         FUZZY_CUTOFF; a tie links none)."""
