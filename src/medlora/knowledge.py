@@ -188,20 +188,18 @@ class KnowledgeIndex:
         """The entries whose items (symptoms, drugs, examinations, causes, …) a description shares most, ranked by
         BM25 over the question's terms (each item found in it, by any of its wordings, is one term; `jieba` cuts
         the rest); the best one only, and [] below the confidence bar (MIN_DESCRIPTION_SCORE, LEAD,
-        MIN_SHARED_TERMS). A
-        drug named in full in a question that asks what it is for links as `items` and is not a mere possibility; a
-        description's symptoms give possibilities."""
-        ranker = self._ranker
-        terms = ranker.terms(text)
+        MIN_SHARED_TERMS). A drug named in full in a question that asks what it is for links as `items` and is not a
+        mere possibility; a description's symptoms give possibilities."""
+        terms = self._ranker.terms(text)
         if not terms:
-            return []
-        scored = ranker.score(terms)
-        if not scored:
             return []
         if re.search(ASKS_USE, text):  # what a drug is for: the entries that list a drug it names, firmly
             firm = self._drug_users(terms)
             if firm:
                 return [Match(d, "items") for d in firm[:limit]]
+        scored = self._ranker.score(terms)
+        if not scored:
+            return []
         (best, top, shared), runner_up = scored[0], (scored[1][1] if len(scored) > 1 else 0.0)
         if top >= MIN_DESCRIPTION_SCORE and top >= LEAD * runner_up and len(shared) >= MIN_SHARED_TERMS:
             return [Match(best, "items", top, possible=True)]
@@ -211,12 +209,19 @@ class KnowledgeIndex:
         """The entries listing a drug among `terms` (named in full, 3+ characters), those listing it earlier (a
         first-line drug) first, then by name."""
         rank = {}
-        for name in self.diseases:
-            drugs = [normalise(x) for x in self.items(name, "drugs")]
-            places = [drugs.index(t) for t in terms if len(t) >= 3 and t in drugs]
-            if places:
-                rank[name] = min(places)
+        for term in terms:
+            for name, place in self._drug_places.get(term, {}).items() if len(term) >= 3 else ():
+                rank[name] = min(place, rank.get(name, place))
         return sorted(rank, key=lambda name: (rank[name], name))
+
+    @cached_property
+    def _drug_places(self) -> dict[str, dict[str, int]]:
+        """Normalised drug -> {entry: the drug's place in the entry's list} (its first place)."""
+        places: dict[str, dict[str, int]] = {}
+        for name in self.diseases:
+            for place, drug in enumerate(normalise(x) for x in self.items(name, "drugs")):
+                places.setdefault(drug, {}).setdefault(name, place)
+        return places
 
     @cached_property
     def _ranker(self) -> "_Ranker":
