@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# The torch wheel first and pinned: an unpinned torch would pull a multi-GB CUDA build. Where pip's index serves
 	# CUDA builds of 2.13.0, choose the CPU one: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,web,cmekg,gguf-export]'
+	$(BIN)/pip install --quiet -e '.[test,web,cmekg,gguf-export,prefer]'
 	# llama.cpp's HF->GGUF converter (medlora export), unpacked from llama-cpp-python's PyPI sdist (sha256-pinned)
 	$(BIN)/python -m medlora.llamacpp fetch
 	touch $(STAMP)

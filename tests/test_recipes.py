@@ -39,7 +39,7 @@ def test_shipped_recipes_are_the_expected_ones():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_parses_and_validates(recipe):
     values = load_recipe(str(recipe))
-    model, data, lora, train = build_options(values)
+    model, data, lora, train, pref = build_options(values)
     assert isinstance(train.learning_rate, float) and 0 < train.learning_rate < 1
     assert train.batch_size % train.micro_batch_size == 0
     assert train.max_steps > 0 or train.num_epochs > 0
@@ -47,7 +47,7 @@ def test_every_shipped_recipe_parses_and_validates(recipe):
     assert data.data_path in ("data/medqa/train.jsonl", "data/medchat/train.jsonl")
     assert lora.lora_r > 0 and lora.lora_alpha > 0
     # through the command line too, as `medlora finetune --config RECIPE` reads it
-    assert options("--config", str(recipe)) == (model, data, lora, train)
+    assert options("--config", str(recipe)) == (model, data, lora, train, pref)
 
 
 def test_demo_and_gpu_recipes_carry_their_settings():
@@ -55,7 +55,7 @@ def test_demo_and_gpu_recipes_carry_their_settings():
     assert (demo[0].base_model, demo[3].output_dir) == ("gemma3-270m", "runs/demo/adapter")
     assert build_options(load_recipe(str(REPO / "recipes/gemma3-270m-full.yaml")))[3].output_dir == "runs/full/adapter"
     for name, base in (("qwen2-0.5b-gpu", "Qwen/Qwen2-0.5B"), ("qwen1.5-0.5b-gpu", "Qwen/Qwen1.5-0.5B")):
-        model, data, lora, train = build_options(load_recipe(str(REPO / f"recipes/{name}.yaml")))
+        model, data, lora, train, _ = build_options(load_recipe(str(REPO / f"recipes/{name}.yaml")))
         assert (model.base_model, model.dtype) == (base, "bf16")
         assert (train.batch_size, train.num_epochs, train.learning_rate, data.cutoff_len) == (128, 3.0, 3e-4, 256)
         assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules) == (8, 16, 0.05, "q_proj,v_proj")

@@ -161,6 +161,30 @@ class TrainArgs:
         check_output_folder("--output_dir", self.output_dir)
 
 
+STAGES = ("sft", "dpo", "kto")
+# TRL's DPO losses offered: DPO (sigmoid), IPO, SLiC (hinge), robust DPO, length-normalised DPO, APO-zero
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero")
+
+
+@dataclass
+class PreferenceArgs:
+    stage: str = opt("sft", "sft: supervised fine-tuning on instruction records; dpo or kto: preference tuning on "
+                            "pairs (TRL's trainers; --data_path holds pairs: TRL's, LLaMA-Factory's or MedicalGPT's "
+                            "format, or `medlora data pairs`' output)", choices=STAGES)
+    lora_weights: str = opt("", "with --stage dpo/kto: the adapter to start from (an SFT adapter), trained further "
+                                "against a frozen copy of itself; its template, system text and knowledge are used "
+                                "unless given. Default: a new LoRA on the base model, against the base model")
+    beta: float = opt(0.1, "with --stage dpo/kto: how far the tuned model may move from the reference (TRL's beta)")
+    pref_loss: str = opt("sigmoid", "with --stage dpo: TRL's loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust, "
+                                    "sigmoid_norm, apo_zero", choices=DPO_LOSSES)
+
+    def __post_init__(self):
+        if not 0 < self.beta < float("inf"):
+            raise ConfigError("--beta must be above 0")
+        if self.lora_weights and self.stage == "sft":
+            raise ConfigError("--lora_weights starts a preference stage from an adapter: give --stage dpo or kto")
+
+
 @dataclass
 class GenerationArgs:
     max_new_tokens: int = opt(256, "maximum tokens generated per answer")

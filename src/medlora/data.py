@@ -61,17 +61,19 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
 
 
 def load_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None,
-                 data_format: str = "auto") -> list[dict]:
+                 data_format: str = "auto", pairs: bool = False) -> list[dict]:
     """Every record of `source`, validated, as `{"instruction", "input", "output"}` dicts (with `history` and
-    `system` when a conversation has them)."""
-    records = list(iter_records(source, require_output=require_output, columns=columns, data_format=data_format))
+    `system` when a conversation has them). `pairs`: preference pairs (`pair_record`), `output` being the chosen
+    answer and `rejected` the other."""
+    records = list(iter_records(source, require_output=require_output, columns=columns, data_format=data_format,
+                                pairs=pairs))
     if not records:
         raise DataError(f"{source}: no records found")
     return records
 
 
 def iter_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None,
-                 data_format: str = "auto") -> Iterator[dict]:
+                 data_format: str = "auto", pairs: bool = False) -> Iterator[dict]:
     """Stream validated records; large JSONL files are read line by line, never whole."""
     if data_format not in DATA_FORMATS:
         raise DataError(f"--data_format {data_format!r}: use one of {', '.join(DATA_FORMATS)}")
@@ -86,9 +88,9 @@ def iter_records(source: str | Path, require_output: bool = True, columns: str |
         if not files:
             raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in this folder")
         for file in files:
-            yield from _iter_file(file, require_output, mapping, data_format)
+            yield from _iter_file(file, require_output, mapping, data_format, pairs)
     elif path.is_file():
-        yield from _iter_file(path, require_output, mapping, data_format)
+        yield from _iter_file(path, require_output, mapping, data_format, pairs)
     elif path.exists():
         raise DataError(f"{source}: not a regular file or folder (a FIFO, device or socket cannot be read as data)")
     elif path.is_symlink():
@@ -96,14 +98,15 @@ def iter_records(source: str | Path, require_output: bool = True, columns: str |
     elif path.suffix.lower() in SUFFIXES or "/" in str(source) and not _looks_like_hub_name(str(source)):
         raise DataError(f"{source}: no such file or folder")
     else:
-        yield from _iter_hub_dataset(str(source), require_output, mapping, data_format)
+        yield from _iter_hub_dataset(str(source), require_output, mapping, data_format, pairs)
 
 
 def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/"))
 
 
-def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str = "auto") -> Iterator[dict]:
+def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str = "auto",
+               pairs: bool = False) -> Iterator[dict]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
@@ -120,6 +123,9 @@ def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str
             rows = _read_jsonl(path)
         fmt = None if data_format == "auto" else data_format
         for where, row in rows:
+            if pairs:
+                yield pair_record(row, f"{path}: {where}")
+                continue
             fmt = fmt or detect_format(row, mapping)
             yield validate_record(row, f"{path}: {where}", require_output, mapping, fmt)
     except OSError as exc:  # unreadable (permissions, a vanished network mount): still the user's to fix
@@ -226,6 +232,84 @@ def conversation_fields(row: dict, where: str, data_format: str, require_output:
     if system or row.get("system") is not None:
         fields["system"] = system or row.get("system")
     return fields
+
+
+# --- preference pairs ------------------------------------------------------------------------------------------------
+
+def pair_record(row, where: str) -> dict:
+    """One preference pair as a record whose `output` is the chosen answer and `rejected` the other, from any of:
+    TRL's `prompt`/`chosen`/`rejected` (text, or conversational: lists of role/content messages, the prompt
+    explicit or shared by both conversations), LLaMA-Factory's (alpaca: instruction/input/chosen/rejected with
+    optional system and history; sharegpt: `conversations` and `chosen`/`rejected` as from/value turns), and
+    MedicalGPT's (system/history/question/response_chosen/response_rejected). Optional: `knowledge` (the facts
+    the prompt is given, as text; "" for none) and `scores` (a judge's, kept as they are)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a pair must be a JSON object, got {'null' if row is None else type(row).__name__}")
+    if "response_chosen" in row or "question" in row:  # MedicalGPT
+        base = {"instruction": row.get("question"), "input": "", "output": _pair_text(row, "response_chosen", where),
+                "history": row.get("history"), "system": row.get("system")}
+        rejected, fmt = _pair_text(row, "response_rejected", where), "alpaca"
+    elif isinstance(row.get("chosen"), list):  # TRL conversational
+        chosen, rejected_turns = row["chosen"], row.get("rejected")
+        if not isinstance(rejected_turns, list) or not rejected_turns:
+            raise DataError(f"{where}: field 'rejected' must be a non-empty list of messages, like 'chosen'")
+        prompt = row.get("prompt")
+        if prompt is None:  # implicit prompt: two whole conversations that differ in their last turn only
+            if chosen[:-1] != rejected_turns[:-1]:
+                raise DataError(f"{where}: 'chosen' and 'rejected' must share every turn but the last (no 'prompt')")
+            prompt, chosen, rejected_turns = chosen[:-1], chosen[-1:], rejected_turns[-1:]
+        if not isinstance(prompt, list):
+            raise DataError(f"{where}: field 'prompt' must be a list of messages when 'chosen' is one")
+        base, fmt = {"messages": prompt + chosen[-1:], "system": row.get("system")}, "messages"
+        rejected = _last_turn(rejected_turns, "rejected", "role", "content", where)
+        _last_turn(chosen, "chosen", "role", "content", where)
+    elif "conversations" in row:  # LLaMA-Factory sharegpt
+        chosen, turns = row.get("chosen"), row["conversations"]
+        base = {"conversations": turns + [chosen] if isinstance(turns, list) else turns, "system": row.get("system")}
+        _last_turn([chosen], "chosen", "from", "value", where)
+        rejected, fmt = _last_turn([row.get("rejected")], "rejected", "from", "value", where), "sharegpt"
+    elif "prompt" in row:  # TRL standard
+        base = {"instruction": row.get("prompt"), "input": "", "output": _pair_text(row, "chosen", where),
+                "system": row.get("system")}
+        rejected, fmt = _pair_text(row, "rejected", where), "alpaca"
+    else:  # LLaMA-Factory alpaca
+        base = {key: row.get(key) for key in ("instruction", "input", "history", "system")}
+        base["output"] = _pair_text(row, "chosen", where)
+        rejected, fmt = _pair_text(row, "rejected", where), "alpaca"
+    record = validate_record({k: v for k, v in base.items() if v is not None}, where, True, None, fmt)
+    if record["output"].strip() == rejected.strip():
+        raise DataError(f"{where}: the chosen and rejected answers are the same (nothing to prefer)")
+    record["rejected"] = rejected
+    knowledge = row.get("knowledge")
+    if knowledge is not None:
+        if not isinstance(knowledge, str):
+            raise DataError(f"{where}: field 'knowledge' must be a string (the facts shown; \"\" for none)")
+        record["knowledge"] = knowledge
+    if isinstance(row.get("scores"), dict):
+        record["scores"] = row["scores"]
+    return record
+
+
+def _pair_text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        state = "is missing" if key not in row else "must be non-empty text"
+        raise DataError(f"{where}: field '{key}' {state}")
+    _check_encodable(value, f"{where}: field '{key}'")
+    return value
+
+
+def _last_turn(turns: list, key: str, role_key: str, text_key: str, where: str) -> str:
+    """The text of an answer given as turns (TRL's messages, LLaMA-Factory's from/value): its last turn, the
+    assistant's."""
+    turn = turns[-1] if turns else None
+    if not isinstance(turn, dict) or turn.get(role_key) not in ("assistant", "gpt"):
+        raise DataError(f"{where}: field '{key}' must end with an assistant turn ({role_key}: assistant or gpt)")
+    text = turn.get(text_key)
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: field '{key}': empty answer ('{text_key}' must be non-empty text)")
+    _check_encodable(text, f"{where}: field '{key}'")
+    return text
 
 
 def _history(value, where: str) -> list[list[str]]:
@@ -385,7 +469,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"row {index}", row
 
 
-def _iter_hub_dataset(name: str, require_output: bool, mapping: dict, data_format: str = "auto") -> Iterator[dict]:
+def _iter_hub_dataset(name: str, require_output: bool, mapping: dict, data_format: str = "auto",
+                      pairs: bool = False) -> Iterator[dict]:
     import datasets
 
     try:
@@ -397,6 +482,9 @@ def _iter_hub_dataset(name: str, require_output: bool, mapping: dict, data_forma
         ) from None
     fmt = None if data_format == "auto" else data_format
     for index, row in enumerate(rows, start=1):
+        if pairs:
+            yield pair_record(row, f"{name}: row {index}")
+            continue
         fmt = fmt or detect_format(row, mapping)
         yield validate_record(row, f"{name}: row {index}", require_output, mapping, fmt)
 

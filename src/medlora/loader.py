@@ -47,6 +47,12 @@ def template_for(prompt_template: str | None, *folders, knowledge: bool = False,
     return template
 
 
+def recorded_knowledge(folder) -> str | None:
+    """The knowledge source an adapter's/merged model's medlora.json records (None: trained without)."""
+    recorded = _recorded(folder).get("knowledge")
+    return recorded["source"] if recorded else None
+
+
 def knowledge_for(spec: str | None, *folders) -> "KnowledgeIndex | None":
     """The knowledge to retrieve from: `spec` (kb, cmekg, both, a file; none or "" for none), else the source
     recorded in the first adapter's/merged model's medlora.json that records one, else none. A recorded source whose

@@ -413,8 +413,10 @@ def _check_fingerprint(adapter_dir: str | Path, current: dict) -> None:
         )
 
 
-def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False, adapter_name: str = "default"):
-    """Put a saved adapter on `model` (a PeftModel is returned), after checking it fits this base."""
+def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False, adapter_name: str = "default",
+                 trainable: bool = False):
+    """Put a saved adapter on `model` (a PeftModel is returned), after checking it fits this base; `trainable`: to
+    train it further (a preference stage on an SFT adapter)."""
     from peft import PeftModel
 
     path = check_adapter_dir(adapter_dir, allow_pickle)
@@ -423,7 +425,7 @@ def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False, ada
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=adapter_name)
             return model
-        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as exc:
         lines = str(exc).splitlines() or [type(exc).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])  # the first, not a header

@@ -98,3 +98,35 @@ def _tokenize_pieces(rendered: list[list[str]], template: Template, tokenizer) -
     rest = [piece for pieces in rendered for piece in pieces[1:]]
     rest_ids = iter(tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
     return [[first, *(next(rest_ids) for _ in pieces[1:])] for first, pieces in zip(firsts, rendered)]
+
+
+def tokenize_pairs(records: list[dict], template: Template, tokenizer, cutoff_len: int = 256
+                   ) -> tuple[list[dict], TokenizeStats]:
+    """`prompt_ids`, `chosen_ids` and `rejected_ids` of preference pairs (records whose `output` is the chosen
+    answer and `rejected` the other), rendered and tokenised exactly as supervised fine-tuning renders a record,
+    so that a preference stage sees the prompts its SFT adapter was trained on. A pair longer than `cutoff_len`
+    loses its oldest turns first, then the answers' ends; a pair with no answer token left is dropped."""
+    examples, stats = [], TokenizeStats(n_records=len(records))
+    for record in records:
+        history = list(record.get("history") or ())
+        stats.n_conversations += bool(history)
+        while True:
+            turn = {**record, "history": history}
+            chosen, rejected = _tokenize_pieces([_pieces(turn, template, tokenizer, True),
+                                                 _pieces({**turn, "output": record["rejected"]}, template, tokenizer,
+                                                         True)], template, tokenizer)
+            prompt_ids = [token for ids in chosen[:-1] for token in ids]
+            longest = len(prompt_ids) + max(len(chosen[-1]), len(rejected[-1]))
+            if longest <= cutoff_len or not history:
+                break
+            history = history[1:]
+            stats.n_turns_cut += 1
+        room = cutoff_len - len(prompt_ids)
+        if room < 1:
+            stats.n_dropped += 1
+            continue
+        stats.n_truncated += longest > cutoff_len
+        chosen_ids, rejected_ids = chosen[-1][:room], rejected[-1][:room]
+        stats.n_supervised_tokens += len(chosen_ids) + len(rejected_ids)
+        examples.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+    return examples, stats

@@ -1,20 +1,21 @@
-"""`medlora finetune`: train a LoRA adapter. Options come from defaults < `--config recipe.yaml` < flags (the
-recipe is read for every command by medlora.config.read_recipe)."""
+"""`medlora finetune`: train a LoRA adapter, by supervised fine-tuning (`--stage sft`, the default) or on preference
+pairs (`--stage dpo|kto`, medlora.prefer). Options come from defaults < `--config recipe.yaml` < flags (the recipe is
+read for every command by medlora.config.read_recipe)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from medlora.config import (DataArgs, LoraArgs, ModelArgs, TrainArgs, add_dataclass_args, build_dataclass,
-                            option_kinds, read_recipe)
+from medlora.config import (DataArgs, LoraArgs, ModelArgs, PreferenceArgs, TrainArgs, add_dataclass_args,
+                            build_dataclass, option_kinds, read_recipe)
 from medlora.errors import ConfigError
 
-OPTION_CLASSES = (ModelArgs, DataArgs, LoraArgs, TrainArgs)
+OPTION_CLASSES = (ModelArgs, DataArgs, LoraArgs, TrainArgs, PreferenceArgs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls, title in zip(OPTION_CLASSES, ("model", "data", "lora", "training")):
+    for cls, title in zip(OPTION_CLASSES, ("model", "data", "lora", "training", "preference stage")):
         add_dataclass_args(parser, cls, title)
 
 
@@ -42,8 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from medlora.resilience import EXIT_INTERRUPTED
     from medlora.train import finetune, is_main_process
 
-    model, data, lora, train = build_options(resolve_options(args))
-    result = finetune(model, data, lora, train)
+    model, data, lora, train, pref = build_options(resolve_options(args))
+    if pref.stage == "sft":
+        result = finetune(model, data, lora, train)
+    else:
+        from medlora.prefer import prefer
+
+        result = prefer(model, data, lora, train, pref)
     if not is_main_process():
         return 0
     if result.interrupted:
