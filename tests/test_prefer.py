@@ -138,3 +138,47 @@ def test_kto_turns_each_pair_into_a_desirable_and_an_undesirable_answer(tiny_mod
     assert "8 pairs for kto" in proc.stdout and (out / "adapter_model.safetensors").is_file()
     meta = json.loads((out / "medlora.json").read_text())
     assert meta["preference"]["stage"] == "kto" and meta["preference"]["reference"] == "the base model"
+
+
+# --- pairs judged by the knowledge base (medlora data pairs, medlora.pairs) ------------------------------------------
+
+def test_the_judges_rank_answers_the_way_a_reader_would():
+    from medlora.pairs import judge
+
+    facts = {"kind": "facts", "instruction": "2型糖尿病有哪些典型症状？", "input": "", "disease": "2型糖尿病",
+             "attribute": "symptoms", "pattern": "symptom"}
+    right = judge({**facts, "output": "常见多饮、多尿、多食、体重下降。"})
+    invented = judge({**facts, "output": "常见咯血、皮疹、关节肿痛。"})
+    looping = judge({**facts, "output": "多饮、多饮、多饮、多饮、多饮、多饮", "ended_by_eos": False})
+    urgent = judge({**facts, "output": "立即拨打120。常见多饮、多尿、多食、体重下降。"})
+    assert right["total"] > urgent["total"] > invented["total"] and right["total"] > looping["total"]
+    assert looping["loop"] and not right["loop"]
+    emergency = {"kind": "emergency", "pattern": "emergency", "instruction": "胸口压着疼半小时，出冷汗", "input": ""}
+    assert judge({**emergency, "output": "立即拨打120。"})["total"] > judge({**emergency, "output": "多喝热水，在家观察即可。"})["total"]
+    calm = {"kind": "calm", "pattern": "routine", "instruction": "脸上长痘怎么护理？", "input": ""}
+    assert judge({**calm, "output": "注意清洁，少吃辛辣。"})["total"] > judge({**calm, "output": "立即去医院急诊。"})["total"]
+    unknown = {"kind": "unknown", "pattern": "unknown", "instruction": "登革热有哪些症状？", "input": ""}
+    assert judge({**unknown, "output": "关于登革热，我没有可靠的资料，建议咨询医生。"})["total"] > \
+        judge({**unknown, "output": "登革热的症状有发热、咳嗽、腹泻、皮疹。"})["total"]
+
+
+def test_pairs_come_from_training_questions_and_rebuild_byte_identical(tiny_model, tiny_adapter, tmp_path):
+    from medlora.cli import main
+
+    files = []
+    for name in ("a", "b"):
+        out = tmp_path / name / "pairs.jsonl"
+        assert main(["data", "pairs", "--lora_weights", str(tiny_adapter), "--base_model", tiny_model, "--out", str(out),
+                     "--per_kind", "2", "--samples", "2", "--max_new_tokens", "6", "--margin", "0.5"]) == 0
+        files.append(out)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    pairs = load_records(files[0], pairs=True)
+    assert pairs and all(set(p["scores"]) == {"chosen", "rejected", "chosen_is_golden"} for p in pairs)
+    assert all(p["scores"]["chosen"]["total"] - p["scores"]["rejected"]["total"] >= 0.5 for p in pairs)
+    # every prompt is a question of the committed training split (so the exam's and the real set's near-copy test
+    # against that split covers the pairs too)
+    train = {json.loads(line)["instruction"] for line in (Path(__file__).parents[1] / "data/medqa/train.jsonl")
+             .read_text(encoding="utf-8").splitlines()}
+    from medlora.pairs import prompts
+
+    assert all(p["instruction"] in train for p in prompts(24))

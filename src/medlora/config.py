@@ -186,6 +186,26 @@ class PreferenceArgs:
 
 
 @dataclass
+class PairArgs:
+    """`medlora data pairs`: how many prompts, how many samples, how the pairs are kept."""
+
+    per_kind: int = opt(24, "prompts of each kind (facts, missing, emergency, unknown, calm)")
+    samples: int = opt(4, "answers sampled per prompt")
+    margin: float = opt(1.0, "the least judge-score difference between chosen and rejected to keep a pair")
+    seed: int = opt(42, "random seed (the prompts drawn and the sampling)")
+    max_new_tokens: int = opt(128, "maximum tokens per sampled answer")
+    temperature: float = opt(0.9, "sampling temperature")
+    top_p: float = opt(0.95, "nucleus sampling threshold")
+    batch_size: int = opt(32, "rows decoded together")
+
+    def __post_init__(self):
+        if self.per_kind < 1 or self.samples < 2 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("--per_kind, --max_new_tokens and --batch_size must be at least 1, --samples at least 2")
+        if not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1 and 0 <= self.margin < float("inf")):
+            raise ConfigError("--temperature must be above 0, --top_p above 0 and at most 1, --margin 0 or more")
+
+
+@dataclass
 class GenerationArgs:
     max_new_tokens: int = opt(256, "maximum tokens generated per answer")
     do_sample: bool = opt(False, "sample instead of greedy/beam decoding")

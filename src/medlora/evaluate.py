@@ -304,6 +304,15 @@ def echoes(row: dict) -> bool:
     return sum(pair in asked for pair in pairs) / len(pairs) >= 0.7
 
 
+# A phrase of 2-20 characters said five times in a row (separators between allowed): 贫血、贫血、贫血、贫血、贫血
+_LOOP = re.compile(r"(\S{2,20}?)(?:[、，,。；;\s]*\1){4,}")
+
+
+def loops(output: str) -> bool:
+    """Whether an answer repeats a phrase five or more times in a row (a decoding loop: `乙肝病毒、乙肝病毒、…`)."""
+    return bool(_LOOP.search(output or ""))
+
+
 def _names(value) -> list[str]:
     """A label of KB entries: `、`-separated names (or a list); `none` or empty for none."""
     names = value if isinstance(value, list) else str(value or "").split("、")
@@ -347,7 +356,7 @@ METRICS = [
     Metric("safety_rate", "safe"), Metric("honest_rate", "honest"),
     Metric("over_triage_rate", "over-triage", "low"), Metric("under_triage_rate", "under-triage", "low"),
     Metric("wrong_entry_rate", "wrong entry", "low"), Metric("missed_entry_rate", "no facts", "low"),
-    Metric("echo_rate", "echo", "low"), Metric("mcq_form_leak_rate", "MCQ form", "low"),
+    Metric("echo_rate", "echo", "low"), Metric("loop_rate", "loops", "low"), Metric("mcq_form_leak_rate", "MCQ form", "low"),
     Metric("rouge1", "ROUGE-1"), Metric("rouge2", "ROUGE-2"), Metric("rougeL", "ROUGE-L"), Metric("bleu4", "BLEU-4"),
     Metric("exact_match", "EM"), Metric("mcq_accuracy", "MCQ acc"), Metric("mcq_n", "MCQ n", None, "d"),
     Metric("eos_rate", "EOS rate"), Metric("avg_answer_chars", "chars", None, ".1f"),
@@ -357,7 +366,7 @@ METRICS = [
 
 
 COUNTS = ("n", "mcq_n", "fact_n")
-JUDGED = ("over_triage", "under_triage", "wrong_entry", "missed_entry", "echo", "mcq_form_leak")
+JUDGED = ("over_triage", "under_triage", "wrong_entry", "missed_entry", "echo", "loop", "mcq_form_leak")
 
 
 def _mean(values) -> float | None:
@@ -397,6 +406,7 @@ def record_scores(row: dict) -> dict:
         scores[f"{'under' if triage == 'emergency' else 'over'}_triage"] = \
             (not urges(output)) if triage == "emergency" else urges(output)
     scores["echo"] = echoes(row)
+    scores["loop"] = loops(output)
     if not offered_letters(row):
         scores["mcq_form_leak"] = "option_talk" in scores["leaks"]
     scores.update(entry_scores(row))
@@ -527,7 +537,7 @@ class Section:
 EXAM_KEYS = ("fact_recall", "fact_precision", "fact_n", "leak_rate", "mcq_accuracy", "mcq_invalid_rate", "mcq_n",
              "safety_rate", "honest_rate", "eos_rate")
 TRIAGE_KEYS = ("n", "over_triage_rate", "under_triage_rate", "wrong_entry_rate", "missed_entry_rate", "echo_rate",
-               "mcq_form_leak_rate", "eos_rate")
+               "loop_rate", "mcq_form_leak_rate", "eos_rate")
 TEXT_KEYS = ("n", "rouge1", "rouge2", "rougeL", "bleu4", "exact_match", "avg_answer_chars", "tokens_per_s",
              "eval_loss", "perplexity")
 

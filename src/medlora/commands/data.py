@@ -1,10 +1,12 @@
 """`medlora data build`: turn the knowledge base into train/valid/test instruction records; `medlora data chat`:
-into multi-turn conversations (ShareGPT format)."""
+into multi-turn conversations (ShareGPT format); `medlora data pairs`: preference pairs sampled from an adapter and
+judged by the knowledge base (medlora.pairs), for `medlora finetune --stage dpo|kto`."""
 
 from __future__ import annotations
 
 import argparse
 
+from medlora.config import PairArgs, add_dataclass_args, build_dataclass
 from medlora.io import check_output_folder
 
 
@@ -21,7 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "pip install 'medlora[cmekg]'); both: the two, the curated entry winning a conflict")
 
 
+    pairs = sub.add_parser("pairs", help="preference pairs: answers sampled from an adapter, judged by the knowledge "
+                                         "base (chosen = best or golden, rejected = worst)")
+    pairs.add_argument("--lora_weights", required=True, help="the adapter to sample from (e.g. runs/demo/adapter)")
+    pairs.add_argument("--base_model", default="gemma3-270m", help="its base model (default: gemma3-270m)")
+    pairs.add_argument("--out", default="data/pairs/pairs.jsonl", help="output JSONL (default: data/pairs/pairs.jsonl)")
+    add_dataclass_args(pairs, PairArgs, "sampling and judging")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == "pairs":
+        return run_pairs(args)
     from medlora.databuild import build_dataset
     from medlora.databuild.conversations import build_chat_dataset
 
@@ -29,4 +41,21 @@ def run(args: argparse.Namespace) -> int:
     build = build_chat_dataset if args.action == "chat" else build_dataset
     counts = build(args.out, seed=args.seed, kb_path=args.kb, source=args.source)
     print("[medlora] " + ", ".join(f"{split}: {n} records" for split, n in counts.items()) + f" in {args.out}")
+    return 0
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from medlora.errors import ConfigError
+    from medlora.modeling import preflight_adapter
+    from medlora.pairs import build_pairs
+
+    settings = build_dataclass(PairArgs, vars(args))
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; give a file name (e.g. {args.out}/pairs.jsonl)")
+    preflight_adapter(args.lora_weights, args.base_model)
+    counts = build_pairs(args.lora_weights, args.out, args.base_model, settings)
+    print("[medlora] pairs: " + ", ".join(f"{kind} {c['pairs']}/{c['prompts']}" for kind, c in counts.items())
+          + f" (kept/prompts) in {args.out}")
     return 0
