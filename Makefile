@@ -8,7 +8,7 @@ export MEDLORA_HOME ?= $(HOME)/.cache/medlora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo demo-retrain train-full bench bench-quick bench-llamacpp llamacpp clean
+.PHONY: venv test test-slow demo demo-retrain demo-prefer train-full bench bench-quick bench-llamacpp llamacpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -65,3 +65,7 @@ clean:
 
 demo-retrain: $(STAMP)
 	$(BIN)/python -m medlora.demo --retrain
+
+# the preference stage on the demo adapter: pairs judged by the knowledge base, DPO, SFT against DPO (README, Results)
+demo-prefer: $(STAMP)
+	$(BIN)/python -m medlora.demo --prefer

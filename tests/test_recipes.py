@@ -44,7 +44,8 @@ def test_every_shipped_recipe_parses_and_validates(recipe):
     assert train.batch_size % train.micro_batch_size == 0
     assert train.max_steps > 0 or train.num_epochs > 0
     assert train.output_dir.startswith("runs/")
-    assert data.data_path in ("data/medqa/train.jsonl", "data/medchat/train.jsonl")
+    assert data.data_path in ("data/medqa/train.jsonl", "data/medchat/train.jsonl") if pref.stage == "sft" else \
+        data.data_path.endswith("/pairs.jsonl") and pref.lora_weights.startswith("runs/")
     assert lora.lora_r > 0 and lora.lora_alpha > 0
     # through the command line too, as `medlora finetune --config RECIPE` reads it
     assert options("--config", str(recipe)) == (model, data, lora, train, pref)

@@ -81,13 +81,52 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
     return 0
 
 
+PREFER_RECIPE = REPO / "recipes" / "gemma3-270m-dpo.yaml"
+PREFER_DIR = REPO / "runs" / "demo-prefer"
+
+
+def run_prefer(limit: int | None = None) -> int:
+    """`make demo-prefer`: pairs sampled from the demo's SFT adapter and judged by the knowledge base, DPO on that
+    adapter (recipes/gemma3-270m-dpo.yaml), then the exam and the real questions answered by the DPO adapter and
+    scored beside the SFT adapter's answers from `make demo` (same greedy decoding, so the same answers it would
+    give again) and the base model's."""
+    print(DISCLAIMER, flush=True)
+    if not adapter_is_current(ADAPTER, RECIPE):
+        print(f"[medlora] {ADAPTER.relative_to(REPO)} is missing or stale: training the SFT adapter first", flush=True)
+        code = medlora(["finetune", "--config", str(RECIPE)])
+        if code:
+            return code
+    pairs = PREFER_DIR / "pairs.jsonl"
+    print(f"[medlora] building preference pairs from {ADAPTER.relative_to(REPO)} into {pairs.relative_to(REPO)}",
+          flush=True)
+    code = medlora(["data", "pairs", "--lora_weights", str(ADAPTER), "--out", str(pairs)])
+    if code:
+        return code
+    code = medlora(["finetune", "--config", str(PREFER_RECIPE)])
+    if code:
+        return code
+    for data, sft_dir, name in ((REALQ, REALQ_DIR, "realq"), (EXAM, EXAM_DIR, "exam")):
+        print(f"[medlora] evaluating the DPO adapter on {data.relative_to(REPO)}", flush=True)
+        sft = sft_dir / "tuned" / "results.jsonl"
+        code = medlora(["eval", "--base_model", "gemma3-270m", "--lora_weights", f"dpo={PREFER_DIR / 'adapter'}",
+                        *(["--results", f"sft={sft}"] if sft.is_file() and not limit else []), "--data", str(data),
+                        "--out", str(PREFER_DIR / name), "--batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
+                       + (["--limit", str(limit)] if limit else []))
+        if code:
+            return code
+    print(f"[medlora] reports: {PREFER_DIR / 'exam' / 'report.html'}, {PREFER_DIR / 'realq' / 'report.html'}")
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m medlora.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--retrain", action="store_true", help="train again even if runs/demo/adapter is current")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N records of the real-question set and the exam")
+    parser.add_argument("--prefer", action="store_true",
+                        help="the preference stage instead (make demo-prefer): pairs, DPO, SFT against DPO")
     args = parser.parse_args()
-    sys.exit(run(args.retrain, args.limit))
+    sys.exit(run_prefer(args.limit) if args.prefer else run(args.retrain, args.limit))
 
 
 if __name__ == "__main__":
