@@ -272,3 +272,17 @@ def test_a_lone_surrogate_in_a_request_is_a_400_not_a_500(server):
     response = httpx.post(f"{server[0]}/v1/completions", content=b'{"model": "tuned", "prompt": "\\ud83d"}',
                           headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert "unpaired surrogate" in assert_openai_error(response, 400)["message"]
+
+
+def test_a_temperature_too_small_to_sample_decodes_greedily_and_fails_no_other_request(client):
+    """`temperature: 1e-40` once made the sampler divide by ~0: inf/nan logits failed every job of the batch. Below
+    medlora.config.MIN_TEMPERATURE sampling is greedy decoding (as vLLM does), so the request is answered too."""
+    record = TINY_RECORDS[0]
+
+    def one(i: int):
+        hostile = i == 5
+        return hostile, ask(client, "tuned", record["instruction"], **({"temperature": 1e-40} if hostile else {}))
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(one, range(6)))
+    assert all(answer.choices[0].message.content == record["output"] for _, answer in results)

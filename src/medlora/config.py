@@ -205,6 +205,9 @@ class PairArgs:
             raise ConfigError("--temperature must be above 0, --top_p above 0 and at most 1, --margin 0 or more")
 
 
+MIN_TEMPERATURE = 1e-5  # sampling at a lower temperature is greedy decoding (as vLLM does)
+
+
 @dataclass
 class GenerationArgs:
     max_new_tokens: int = opt(256, "maximum tokens generated per answer")
@@ -238,8 +241,12 @@ class GenerationArgs:
             raise ConfigError("--repetition_penalty must be above 0 (1.0 = none)")
         if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
             raise ConfigError("--frequency_penalty and --presence_penalty must be between -2 and 2 (0 = none)")
-        if not (self.temperature > 0 if self.do_sample else self.temperature >= 0):
-            raise ConfigError("--temperature must be above 0 when sampling (0 or no --do_sample: greedy)")
+        if not (self.temperature > 0 if self.do_sample else self.temperature >= 0) or self.temperature > 100:
+            raise ConfigError("--temperature must be above 0 when sampling and at most 100 (0 or no --do_sample: "
+                              "greedy)")
+        if self.do_sample and self.temperature < MIN_TEMPERATURE:
+            # dividing the logits by 1e-40 gives inf/nan and fails a whole batch; below this the argmax wins anyway
+            object.__setattr__(self, "do_sample", False)
         if not (0 < self.top_p <= 1 and self.top_k >= 0):
             raise ConfigError("--top_p must be above 0 and at most 1, --top_k 0 or more (0: no top-k cut)")
 

@@ -16,7 +16,9 @@ them before the instruction, under KNOWLEDGE_HEADER.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +73,7 @@ class Template:
         if self.use_chat_template:  # rendered whole: a template may render earlier turns differently (no prefix rule)
             self._check_chat(tokenizer)
             return tokenizer.apply_chat_template(
-                self._messages(history, instruction, input, knowledge, system), tokenize=False,
+                self._messages(history, instruction, input, knowledge, system, tokenizer), tokenize=False,
                 add_generation_prompt=True)
         return "".join(self.render(instruction, input, tokenizer, history, knowledge, system))
 
@@ -81,13 +83,15 @@ class Template:
         given. Each answer piece ends with `turn_end`; what follows a turn end belongs to the next prompt piece."""
         if self.use_chat_template:
             return self._render_chat(instruction, input, tokenizer, history, knowledge, system, answer)
+        plain = functools.partial(plain_text, tokenizer=tokenizer)
+        instruction, input, knowledge, answer = plain(instruction), plain(input), plain(knowledge), plain(answer)
         if not self.has_knowledge_slot:
             instruction, knowledge = self.knowledge_instruction(instruction, knowledge), None
         end = self.turn_end(tokenizer)
-        system = self.system if system is None else system
+        system = plain(self.system if system is None else system)
         pieces, head = [], f"{system}\n" if system else ""
         for user, reply in history:
-            pieces += [head + self._format(user, "", None), reply + end]
+            pieces += [head + self._format(plain(user), "", None), plain(reply) + end]
             head = ""
         pieces.append(head + self._format(instruction, input, knowledge))
         return pieces if answer is None else [*pieces, answer + end]
@@ -96,21 +100,22 @@ class Template:
         """The text that ends an answer: EOS for the JSON templates (the chat template writes its own)."""
         return (getattr(tokenizer, "eos_token", None) or "") if tokenizer is not None else ""
 
-    def _messages(self, history, instruction, input, knowledge, system) -> list[dict]:
-        system = self.system if system is None else system
+    def _messages(self, history, instruction, input, knowledge, system, tokenizer=None) -> list[dict]:
+        plain = functools.partial(plain_text, tokenizer=tokenizer)
+        system = plain(self.system if system is None else system)
         messages = [{"role": "system", "content": system}] if system else []
         for user, reply in history:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            messages += [{"role": "user", "content": plain(user)}, {"role": "assistant", "content": plain(reply)}]
         content = f"{instruction}\n{input}" if input else instruction
-        return [*messages, {"role": "user", "content": self.knowledge_instruction(content, knowledge)}]
+        return [*messages, {"role": "user", "content": self.knowledge_instruction(plain(content), plain(knowledge))}]
 
     def _render_chat(self, instruction, input, tokenizer, history, knowledge, system, answer) -> list[str]:
         """The chat template's text cut into pieces by rendering the conversation one message at a time: each
         rendering must extend the previous one (a template that rewrites earlier turns cannot be cut this way)."""
         self._check_chat(tokenizer)
-        messages = self._messages(history, instruction, input, knowledge, system)
+        messages = self._messages(history, instruction, input, knowledge, system, tokenizer)
         if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "assistant", "content": plain_text(answer, tokenizer)})
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         pieces, done = [], ""
         ends = [t for t in (*END_OF_TURN_TOKENS, tokenizer.eos_token) if t]
@@ -225,6 +230,39 @@ class Template:
             "use_chat_template": self.use_chat_template,
             **({"no_knowledge": self.no_knowledge} if self.has_knowledge_slot else {}),
         }
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def plain_text(text: str | None, tokenizer=None) -> str | None:
+    """Text from a user, a data file or a knowledge file, made unable to become a control token: each control-token
+    string of the tokenizer in it (`<|im_end|>`, `<|endoftext|>`, `<end_of_turn>`, `<eos>`, ...) gets a zero-width
+    space after its first character, so it is tokenised as the characters it shows. Only the template writes
+    control tokens: a user cannot end a turn, forge a system turn or put an EOS label in the middle of an answer."""
+    if not text:
+        return text
+    pattern = _control_pattern(tokenizer)
+    return pattern.sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text) if pattern else text
+
+
+def _control_pattern(tokenizer) -> re.Pattern | None:
+    key = id(tokenizer)
+    cached = _CONTROL_PATTERNS.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    strings = set(END_OF_TURN_TOKENS) | {"<|endoftext|>", "<|im_start|>", "<start_of_turn>", "<bos>", "<eos>"}
+    if tokenizer is not None:
+        strings |= set(getattr(tokenizer, "all_special_tokens", None) or ())
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        strings |= {token.content for token in decoder.values() if getattr(token, "special", False)}
+    strings = sorted((s for s in strings if isinstance(s, str) and len(s) > 1), key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
+    _CONTROL_PATTERNS[key] = (tokenizer, pattern)
+    return pattern
+
+
+_CONTROL_PATTERNS: dict[int, tuple] = {}
 
 
 def cut_at(text: str, markers) -> tuple[str, bool]:
