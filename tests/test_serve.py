@@ -261,6 +261,14 @@ def test_an_empty_api_key_is_refused_rather_than_serving_open(monkeypatch, capsy
             "give a key, or leave both unset to serve without one")
 
 
+@pytest.mark.parametrize("key", ["秘密钥匙", "key-with-trailing-space ", "two words"])
+def test_a_key_no_client_can_send_is_refused_at_start_up(capsys, key):
+    from medlora.cli import main
+
+    assert main(["serve", "--base_model", "no/such-model", "--api-key", key]) == 2
+    assert "which no client can send in an Authorization header" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_lone_surrogate_in_a_request_is_a_400_not_a_500(server):
     for body in ('{"model": "tuned", "messages": [{"role": "user", "content": "\\ud800"}]}',
                  '{"model": "tuned", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udc00"}]}]}',

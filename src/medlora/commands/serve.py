@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key (or $MEDLORA_API_KEY) is empty, which would leave the server open: give a key, "
                           "or leave both unset to serve without one")
+    if args.api_key is not None and not all("!" <= char <= "~" for char in args.api_key):
+        raise ConfigError("--api-key (or $MEDLORA_API_KEY) holds a space or a character outside printable ASCII, which "
+                          "no client can send in an Authorization header: every request would get 401")
     check_bindable(args.host, args.port)
     margs = model_args(args)
     engine = Engine.load(margs.base_model, dict(named_paths(args.lora_weights, "--lora_weights")),
