@@ -189,3 +189,25 @@ def test_a_damaged_checkpoint_of_the_right_size_is_skipped_by_auto_and_named_whe
     with pytest.raises(ConfigError) as caught:
         find_resume_checkpoint(str(tmp_path), str(newest))
     assert str(caught.value).startswith(f"--resume_from_checkpoint {newest}: {weights}: not a readable safetensors")
+
+
+@pytest.mark.parametrize("name, value", [("MEDLORA_THREADS", "abc"), ("MEDLORA_THREADS", "0"), ("MEDLORA_THREADS", "-1"),
+                                         ("MEDLORA_THREADS", "1.5"), ("MEDLORA_THREADS", "99999"),
+                                         ("WORLD_SIZE", "0"), ("WORLD_SIZE", "x"), ("RANK", "-3"),
+                                         ("LOCAL_WORLD_SIZE", "two"), ("MEDLORA_HOME", ""), ("MEDLORA_HOME", "/dev/null")])
+def test_every_environment_variable_is_checked_in_one_line(monkeypatch, capsys, name, value):
+    """Read through medlora.io.env_int / env_folder: a bad value is one line naming the variable (it was a
+    traceback, a division by zero, a segfault at 99999 threads, or a silent ./models)."""
+    from medlora.cli import main
+    from medlora.train import is_main_process, world_size
+
+    monkeypatch.setenv(name, value)
+    if name in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        from medlora.errors import ConfigError
+        from medlora.train import check_gpus_per_process
+
+        with pytest.raises(ConfigError, match=rf"^\${name}"):
+            {"WORLD_SIZE": world_size, "RANK": is_main_process, "LOCAL_WORLD_SIZE": check_gpus_per_process}[name]()
+        return
+    assert main(["models"] if name == "MEDLORA_HOME" else ["infer", "--base_model", "no/such"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"medlora {'models' if name == 'MEDLORA_HOME' else 'infer'}: error: ${name}")

@@ -16,6 +16,34 @@ from pathlib import Path
 from medlora.errors import ConfigError
 
 
+def env_int(name: str, default: int | None, low: int, high: int) -> int | None:
+    """An integer environment variable, checked: unset or empty gives `default`; anything but a whole number from
+    `low` to `high` is one line naming the variable (not a traceback, and not a segfault from 99999 threads)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"${name}={raw[:40]!r}: expected a whole number from {low} to {high}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"${name}={value}: expected a whole number from {low} to {high}")
+    return value
+
+
+def env_folder(name: str, default: Path) -> Path:
+    """A folder named by an environment variable (`default` when unset), checked: not empty, not a file."""
+    if name not in os.environ:
+        return default
+    raw = os.environ[name]
+    if not raw.strip():
+        raise ConfigError(f"${name} is set but empty; unset it (default {default}) or name a folder")
+    path = Path(raw).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"${name}={raw[:80]}: not a folder")
+    return path
+
+
 @contextmanager
 def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path to write; on success it replaces `target`, on failure it is removed."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from medlora.errors import ConfigError, ModelError
+from medlora.io import env_int
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,11 @@ def configure_threads() -> int:
     cores are measured over a short window of /proc/stat, not read from the load average, which counts waiting
     kernel threads and the last minute's history (it sat near 1.0 on an idle 2-core machine here).
     """
-    if os.environ.get("MEDLORA_THREADS"):
-        threads = int(os.environ["MEDLORA_THREADS"])
-    elif os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
-        return torch.get_num_threads()
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = env_int("MEDLORA_THREADS", None, 1, max(64, 4 * cores))
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS") or torch.cuda.is_available():
+            return torch.get_num_threads()
         busy = min(cores, round(busy_cores()))
         threads = max(1, min(torch.get_num_threads(), cores - busy))
         if threads < torch.get_num_threads():
@@ -186,7 +186,7 @@ def load_base_model(
     path = resolve_model_path(name_or_path)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **_hub_kwargs(path)}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+        kwargs.update(quantization_config=quant, device_map={"": env_int("LOCAL_RANK", 0, 0, 4096)})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

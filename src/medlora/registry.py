@@ -39,7 +39,9 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def medlora_home() -> Path:
-    return Path(os.environ.get("MEDLORA_HOME", Path.home() / ".cache" / "medlora"))
+    from medlora.io import env_folder
+
+    return env_folder("MEDLORA_HOME", Path.home() / ".cache" / "medlora")
 
 
 def say(message: str) -> None:

@@ -24,7 +24,7 @@ from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
-from medlora.io import (atomic_write_text, data_file_hashes, remove_stale_staging, replace_folder_contents,
+from medlora.io import (atomic_write_text, data_file_hashes, env_int, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
 from medlora.modeling import (MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
                               load_base_model, load_tokenizer, model_fingerprint, preflight_target_modules,
@@ -51,11 +51,11 @@ class TrainResult:
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env_int("WORLD_SIZE", 1, 1, 1_000_000)
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return env_int("RANK", 0, 0, 1_000_000) == 0
 
 
 def gradient_accumulation(batch_size: int, micro_batch_size: int, n_processes: int) -> int:
@@ -80,7 +80,7 @@ def check_sharding_options(args: TrainArgs) -> None:
 def check_gpus_per_process() -> None:
     """Under a launcher on a CUDA machine each process needs a GPU of its own: NCCL refuses two ranks on one device
     (`Duplicate GPU detected`), after the model is loaded. Said before loading, with the two ways out."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = env_int("LOCAL_WORLD_SIZE", 1, 1, 4096)
     if local > 1 and torch.cuda.is_available() and local > torch.cuda.device_count():
         gpus = torch.cuda.device_count()
         raise ConfigError(f"{local} processes were started on this machine but it has {gpus} CUDA GPU(s): each "
