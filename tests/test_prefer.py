@@ -182,3 +182,21 @@ def test_pairs_come_from_training_questions_and_rebuild_byte_identical(tiny_mode
     from medlora.pairs import prompts
 
     assert all(p["instruction"] in train for p in prompts(24))
+
+
+def test_an_adapter_carries_its_recommended_decoding_and_flags_override_it(tiny_adapter):
+    """finetune saves the recommended decoding as generation_config.json; infer, eval, chat and webui start from it."""
+    from medlora.cli import build_parser
+    from medlora.commands._common import generation_args
+    from medlora.config import RECOMMENDED_DECODING
+
+    assert json.loads((tiny_adapter / "generation_config.json").read_text()) == RECOMMENDED_DECODING
+    parser = build_parser(only="infer")
+    plain = parser.parse_args(["infer", "--lora_weights", str(tiny_adapter)])
+    gen = generation_args(plain, str(tiny_adapter))
+    assert (gen.max_new_tokens, gen.frequency_penalty, gen.do_sample) == (128, 0.3, False)
+    flagged = parser.parse_args(["infer", "--lora_weights", str(tiny_adapter), "--frequency_penalty", "0",
+                                 "--max_new_tokens", "32"])
+    gen = generation_args(flagged, str(tiny_adapter))
+    assert (gen.max_new_tokens, gen.frequency_penalty) == (32, 0.0)
+    assert generation_args(plain).frequency_penalty == 0.0  # no adapter: GenerationArgs' own defaults

@@ -20,7 +20,8 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medlora import __version__
-from medlora.config import DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
+from medlora.config import (GENERATION_CONFIG, RECOMMENDED_DECODING, DataArgs, LoraArgs, ModelArgs, TrainArgs,
+                            asdict)
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
@@ -90,6 +91,7 @@ def check_gpus_per_process() -> None:
 
 # What a finetune output folder may already hold (an earlier run's adapter, checkpoints, logs)
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "medlora.json", LOSS_LOG,
+                GENERATION_CONFIG,
                 "README.md", "runs", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json",
                 "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -374,6 +376,7 @@ def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bo
             weights = load_file(Path(staging) / "adapter_model.safetensors")
             torch.save(weights, Path(staging) / "adapter_model.bin")
         tokenizer.save_pretrained(staging)
+        atomic_write_text(Path(staging) / GENERATION_CONFIG, json.dumps(RECOMMENDED_DECODING, indent=2) + "\n")
         atomic_write_text(Path(staging) / MEDLORA_META, json.dumps(meta, ensure_ascii=False, indent=2))
         replace_folder_contents(Path(staging), out_dir, last="adapter_config.json")
     return out_dir

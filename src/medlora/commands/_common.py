@@ -81,8 +81,30 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, GenerationArgs, "generation")
 
 
-def generation_args(args: argparse.Namespace) -> GenerationArgs:
-    return build_dataclass(GenerationArgs, vars(args))
+def generation_args(args: argparse.Namespace, *folders) -> GenerationArgs:
+    """Decoding settings: GenerationArgs' defaults < the generation_config.json saved with the first of `folders`
+    (an adapter or merged model) that has one < the flags given (only given flags are in `args`)."""
+    return build_dataclass(GenerationArgs, {**recorded_decoding(*folders), **vars(args)})
+
+
+def recorded_decoding(*folders) -> dict:
+    """The GenerationArgs fields in the first folder's generation_config.json that holds one ({} when none does)."""
+    import json
+
+    from medlora.config import GENERATION_CONFIG
+
+    names = {f.name for f in fields(GenerationArgs)}
+    for folder in folders:
+        path = Path(folder, GENERATION_CONFIG) if folder else None
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise ConfigError(f"{path}: not valid JSON (delete it to decode with the defaults)") from None
+            if not isinstance(saved, dict):
+                raise ConfigError(f"{path}: expected a JSON object of decoding settings")
+            return {key: value for key, value in saved.items() if key in names}
+    return {}
 
 
 def model_args(args: argparse.Namespace) -> ModelArgs:

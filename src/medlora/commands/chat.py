@@ -16,5 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medlora.chat import chat_loop
 
-    chat_loop(load_generator(args, adapter_path(args)), generation_args(args))
+    adapter = adapter_path(args)
+    chat_loop(load_generator(args, adapter), generation_args(args, adapter))
     return 0

@@ -156,7 +156,8 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     from medlora.loader import knowledge_for, template_for
     from medlora.modeling import preflight_adapter
 
-    margs, gen = model_args(args), generation_args(args)
+    margs = model_args(args)
+    gen = generation_args(args, *(path for _, path in models if path))
     adapter_dirs = [path for _, path in models if path]
     for path in adapter_dirs:  # refuse a bad adapter before spending time on the base model
         preflight_adapter(path, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
     source = args.data or ", ".join(path for _, path in result_files)
     subtitle = f"records: {source}"
     if models:  # how the answers were generated, so that the figures can be reproduced
-        subtitle += "; generation: " + ", ".join(f"{k} {v}" for k, v in generation_args(args).to_generate_kwargs().items())
+        gen = generation_args(args, *(path for _, path in models if path))
+        subtitle += "; generation: " + ", ".join(f"{k} {v}" for k, v in gen.to_generate_kwargs().items())
     written = write_report(out, metrics, rows_by_label, args.train_dir, subtitle=subtitle)
     print_metrics_table(metrics)
     log.info("eval: wrote %s", ", ".join(str(p) for p in [out / METRICS, *written.values()]))

@@ -71,7 +71,7 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
 def run(args: argparse.Namespace) -> int:
     from medlora.io import atomic_write_jsonl
 
-    gen = generation_args(args)
+    gen = generation_args(args, adapter_path(args))
     if args.model_output_dir:
         check_output_folder("--model_output_dir", args.model_output_dir)
     records = read_records(args, args.instruct_dir, require_output=False) if args.instruct_dir else None

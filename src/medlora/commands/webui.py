@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from medlora.serve.webui import build_demo, launch
 
     check_bindable(args.host, args.port)
-    generator = load_generator(args, adapter_path(args))
-    launch(build_demo(generator, generation_args(args)), args.host, args.port)
+    adapter = adapter_path(args)
+    generator = load_generator(args, adapter)
+    launch(build_demo(generator, generation_args(args, adapter)), args.host, args.port)
     return 0
