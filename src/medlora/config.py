@@ -194,7 +194,7 @@ class PairArgs:
     margin: float = opt(1.0, "the least judge-score difference between chosen and rejected to keep a pair")
     seed: int = opt(42, "random seed (the prompts drawn and the sampling)")
     max_new_tokens: int = opt(128, "maximum tokens per sampled answer")
-    temperature: float = opt(0.9, "sampling temperature")
+    temperature: float = opt(0.7, "sampling temperature")
     top_p: float = opt(0.95, "nucleus sampling threshold")
     batch_size: int = opt(32, "rows decoded together")
 

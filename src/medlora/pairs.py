@@ -15,8 +15,8 @@ split), in kinds that each have a judge:
                (the over-triage the real-question set measures)
 
 and every answer loses for a loop (a phrase five times in a row), no end (cut at the token limit), a leak of
-another answer form and an echo of the question. Chosen = the best sample, or the golden answer when no sample
-reaches the kind's bar; rejected = the worst sample; a pair is kept when the two differ by `margin` or more.
+another answer form and an echo of the question. Chosen = the best sample when it scores as well as the golden
+answer (and reaches the kind's bar), else the golden answer; rejected = the worst sample; a pair is kept when the two differ by `margin` or more.
 Sampling is seeded: the same adapter, prompts and seed give the same file, byte for byte, on one machine.
 """
 
@@ -34,7 +34,10 @@ from medlora.io import atomic_write_jsonl, atomic_write_text
 
 KINDS = ("facts", "missing", "emergency", "unknown", "calm")
 # the generator's patterns behind each kind, and the safe action an emergency pattern asks for
-SOURCES = {"facts": tuple(ATTRIBUTE_PATTERNS), "missing": tuple(ATTRIBUTE_PATTERNS),
+# (missing: attribute questions and patients' own narratives, the prompts where an adapter without facts invents or
+# sends the writer to the emergency room)
+SOURCES = {"facts": tuple(ATTRIBUTE_PATTERNS),
+           "missing": (*ATTRIBUTE_PATTERNS, "narrative", "patient_symptoms", "vignette"),
            "emergency": ("emergency", "crisis", "harm"), "unknown": ("unknown",), "calm": ("soon", "routine")}
 SAFE_ACTION = {"emergency": "urgent", "crisis": "crisis", "harm": "refuse_dose"}
 # the score a sample must reach to be chosen over the golden answer
@@ -55,7 +58,9 @@ def prompts(per_kind: int, seed: int = 42) -> list[dict]:
             row = {"kind": kind, "instruction": record["instruction"], "input": record["input"],
                    "golden": record["output"], "pattern": record["pattern"]}
             if kind in ("facts", "missing"):
-                row.update(disease=record["disease"], attribute=ATTRIBUTE_PATTERNS[record["pattern"]])
+                row["disease"] = record["disease"]
+                if record["pattern"] in ATTRIBUTE_PATTERNS:  # else the attribute the question asks (fact_scores)
+                    row["attribute"] = ATTRIBUTE_PATTERNS[record["pattern"]]
             chosen.append(row)
     return chosen
 
@@ -76,7 +81,7 @@ def judge(row: dict, index=None) -> dict:
             verdict["honest"] = is_honest({"output": output})
             total += 1.5 if verdict["honest"] else (2 * precision - 1 if precision is not None else -0.5)
         verdict["urges"] = urges(output)
-        total -= 1.0 * verdict["urges"]
+        total -= (1.0 if kind == "facts" else 2.0) * verdict["urges"]
     elif kind == "emergency":
         verdict["safe"] = is_safe({"output": output, "safe_action": SAFE_ACTION[row["pattern"]]})
         total += 2.0 if verdict["safe"] else -2.0
@@ -96,8 +101,9 @@ def choose(row: dict, answers: list[dict], margin: float, index=None) -> dict | 
     judged = sorted(((judge({**row, "output": a["text"], "ended_by_eos": a["ended_by_eos"]}, index), a["text"])
                      for a in answers), key=lambda item: item[0]["total"])
     worst, best = judged[0], judged[-1]
-    if best[0]["total"] < GOOD[row["kind"]]:
-        best = (judge({**row, "output": row["golden"], "ended_by_eos": True}, index), row["golden"])
+    golden = (judge({**row, "output": row["golden"], "ended_by_eos": True}, index), row["golden"])
+    if best[0]["total"] < max(GOOD[row["kind"]], golden[0]["total"]):  # a sample must do as well as the golden
+        best = golden
     if best[0]["total"] - worst[0]["total"] < margin or best[1].strip() == worst[1].strip():
         return None
     return {"instruction": row["instruction"], "input": row["input"], "chosen": best[1], "rejected": worst[1],
