@@ -177,10 +177,15 @@ class PreferenceArgs:
     beta: float = opt(0.1, "with --stage dpo/kto: how far the tuned model may move from the reference (TRL's beta)")
     pref_loss: str = opt("sigmoid", "with --stage dpo: TRL's loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust, "
                                     "sigmoid_norm, apo_zero", choices=DPO_LOSSES)
+    sft_weight: float = opt(0.0, "with --stage dpo: add TRL's `sft` loss (the chosen answers' negative log-likelihood) "
+                                 "with this weight, as RPO does: keeps the chosen answers likely while the pair's "
+                                 "margin grows (0 = plain --pref_loss)")
 
     def __post_init__(self):
         if not 0 < self.beta < float("inf"):
             raise ConfigError("--beta must be above 0")
+        if not 0 <= self.sft_weight < float("inf"):
+            raise ConfigError("--sft_weight must be 0 or more")
         if self.lora_weights and self.stage == "sft":
             raise ConfigError("--lora_weights starts a preference stage from an adapter: give --stage dpo or kto")
 

@@ -15,8 +15,8 @@ split), in kinds that each have a judge:
                (the over-triage the real-question set measures)
 
 and every answer loses for a loop (a phrase five times in a row), no end (cut at the token limit), a leak of
-another answer form and an echo of the question. Chosen = the best sample when it scores as well as the golden
-answer (and reaches the kind's bar), else the golden answer; rejected = the worst sample; a pair is kept when the two differ by `margin` or more.
+another answer form and an echo of the question. Chosen = the best sample when the judges rank it above the golden
+answer (and it reaches the kind's bar), else the golden answer; rejected = the worst sample; a pair is kept when the two differ by `margin` or more.
 Sampling is seeded: the same adapter, prompts and seed give the same file, byte for byte, on one machine.
 """
 
@@ -102,7 +102,9 @@ def choose(row: dict, answers: list[dict], margin: float, index=None) -> dict | 
                      for a in answers), key=lambda item: item[0]["total"])
     worst, best = judged[0], judged[-1]
     golden = (judge({**row, "output": row["golden"], "ended_by_eos": True}, index), row["golden"])
-    if best[0]["total"] < max(GOOD[row["kind"]], golden[0]["total"]):  # a sample must do as well as the golden
+    # a sample is chosen only when the judges rank it above the golden answer: where they cannot tell them apart, the
+    # answer a person wrote is the one to imitate (the judges do not see nonsense that holds the right words)
+    if best[0]["total"] < GOOD[row["kind"]] or best[0]["total"] <= golden[0]["total"]:
         best = golden
     if best[0]["total"] - worst[0]["total"] < margin or best[1].strip() == worst[1].strip():
         return None

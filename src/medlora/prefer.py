@@ -77,7 +77,11 @@ def _trainer_class(stage: str):
 def _config(pref: PreferenceArgs, args: TrainArgs, cutoff_len: int, bf16: bool, has_eval: bool):
     trl = check_trl()
     config_cls = {"dpo": trl.DPOConfig, "kto": trl.KTOConfig}[pref.stage]
-    extra = {"loss_type": [pref.pref_loss]} if pref.stage == "dpo" else {}
+    extra = {}
+    if pref.stage == "dpo":
+        extra = {"loss_type": [pref.pref_loss], "loss_weights": [1.0]}
+        if pref.sft_weight:
+            extra = {"loss_type": [pref.pref_loss, "sft"], "loss_weights": [1.0, pref.sft_weight]}
     return config_cls(
         output_dir=args.output_dir, per_device_train_batch_size=args.micro_batch_size,
         per_device_eval_batch_size=args.micro_batch_size,
