@@ -64,7 +64,7 @@ def test_demo_and_gpu_recipes_carry_their_settings():
 
 def test_defaults_then_recipe_then_flags(tmp_path):
     recipe = write(tmp_path, "lora_r: 32\nlearning_rate: 1.0e-3\nnum_epochs: 2\ngroup_by_length: false\n")
-    model, data, lora, train = options("--config", str(recipe), "--learning_rate", "5e-4", "--group_by_length")
+    model, data, lora, train, _ = options("--config", str(recipe), "--learning_rate", "5e-4", "--group_by_length")
     assert train.learning_rate == 5e-4  # flag over recipe
     assert train.group_by_length is True  # bare boolean flag over recipe's false
     assert lora.lora_r == 32 and train.num_epochs == 2.0  # recipe over defaults
@@ -78,7 +78,7 @@ def test_the_huatuo_and_alpaca_lora_scripts_flags_are_accepted(monkeypatch, tmp_
     from medlora.modeling import parse_target_modules
     from medlora.train import build_trainer
 
-    model, data, lora, train = options("--prompt_template_name", "med_template", "--wandb_run_name", "e1",
+    model, data, lora, train, _ = options("--prompt_template_name", "med_template", "--wandb_run_name", "e1",
                                        "--lora_target_modules", "[q_proj,k_proj,v_proj,o_proj]", "--report_to", "none",
                                        "--output_dir", str(tmp_path / "out"))
     assert data.prompt_template == "med_template" and train.wandb_run_name == "e1"

@@ -211,3 +211,17 @@ def test_every_environment_variable_is_checked_in_one_line(monkeypatch, capsys, 
         return
     assert main(["models"] if name == "MEDLORA_HOME" else ["infer", "--base_model", "no/such"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"medlora {'models' if name == 'MEDLORA_HOME' else 'infer'}: error: ${name}")
+
+
+def test_an_adapter_of_nans_is_refused_not_saved(tiny_model, tiny_records_file, tmp_path, capsys):
+    """--learning_rate 1e308 once saved an adapter of NaNs with exit 0; --num_epochs inf overflowed after loading."""
+    from medlora.cli import main
+
+    out = tmp_path / "nan"
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(tiny_records_file), "--output_dir", str(out),
+                 "--max_steps", "2", "--learning_rate", "1e308", "--fast_loss", "false", "--dtype", "fp32",
+                 "--batch_size", "4", "--micro_batch_size", "4"]) != 0
+    assert "not finite" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (out / "adapter_model.safetensors").exists()
+    assert main(["finetune", "--base_model", tiny_model, "--data_path", str(tiny_records_file), "--num_epochs", "inf",
+                 "--output_dir", str(tmp_path / "inf")]) == 2

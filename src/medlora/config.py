@@ -137,6 +137,8 @@ class TrainArgs:
                 raise ConfigError(f"--{name} must be at least 1")
         if not (self.num_epochs > 0 or self.max_steps > 0):
             raise ConfigError("--num_epochs must be above 0 (or give --max_steps)")
+        if not self.num_epochs < 1e6:
+            raise ConfigError("--num_epochs must be a finite number of passes (below 1,000,000)")
         if not 0 < self.learning_rate < float("inf"):
             raise ConfigError("--learning_rate must be above 0")
         if not (0 <= self.warmup_steps < float("inf") and 0 <= self.weight_decay < float("inf")):

@@ -365,6 +365,10 @@ def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bo
     """Write adapter + tokenizer + medlora.json so that a reader sees the old adapter, the new one, or none."""
     import tempfile
 
+    bad = next((name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:  # e.g. --learning_rate 1e308: an adapter of NaNs is not an adapter
+        raise TrainingError(f"the trained weights are not finite (nan/inf in {bad.split('.lora_')[0][-60:]}): nothing "
+                            f"was saved; lower --learning_rate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir, ".adapter-")  # left by a save that was killed
