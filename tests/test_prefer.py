@@ -200,3 +200,14 @@ def test_an_adapter_carries_its_recommended_decoding_and_flags_override_it(tiny_
     gen = generation_args(flagged, str(tiny_adapter))
     assert (gen.max_new_tokens, gen.frequency_penalty) == (32, 0.0)
     assert generation_args(plain).frequency_penalty == 0.0  # no adapter: GenerationArgs' own defaults
+
+
+def test_prompt_counts_per_kind_and_unknown_kinds_refused(capsys):
+    from medlora.cli import main
+    from medlora.pairs import KINDS, prompts
+
+    rows = prompts(2, counts={"emergency": 5, "unknown": 0})
+    assert {kind: sum(r["kind"] == kind for r in rows) for kind in KINDS} == \
+        {"facts": 2, "missing": 2, "emergency": 5, "unknown": 0, "calm": 2}
+    assert main(["data", "pairs", "--lora_weights", "nowhere", "--counts", "rare=3"]) == 2
+    assert "unknown kind 'rare'" in capsys.readouterr().err.strip().splitlines()[-1]

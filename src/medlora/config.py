@@ -197,6 +197,7 @@ class PairArgs:
     """`medlora data pairs`: how many prompts, how many samples, how the pairs are kept."""
 
     per_kind: int = opt(24, "prompts of each kind (facts, missing, emergency, unknown, calm)")
+    counts: str = opt("", "prompts of some kinds instead of --per_kind, e.g. emergency=32,unknown=8")
     samples: int = opt(4, "answers sampled per prompt")
     margin: float = opt(1.0, "the least judge-score difference between chosen and rejected to keep a pair")
     seed: int = opt(42, "random seed (the prompts drawn and the sampling)")
@@ -210,6 +211,17 @@ class PairArgs:
             raise ConfigError("--per_kind, --max_new_tokens and --batch_size must be at least 1, --samples at least 2")
         if not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1 and 0 <= self.margin < float("inf")):
             raise ConfigError("--temperature must be above 0, --top_p above 0 and at most 1, --margin 0 or more")
+        self.kind_counts()  # checked here, before any model loads
+
+    def kind_counts(self) -> dict[str, int]:
+        """--counts as {kind: prompts}."""
+        counts = {}
+        for part in filter(None, (p.strip() for p in self.counts.split(","))):
+            kind, _, number = part.partition("=")
+            if not number.strip().isdigit():
+                raise ConfigError(f"--counts {self.counts!r}: expected kind=number pairs, e.g. emergency=32,unknown=8")
+            counts[kind.strip()] = int(number)
+        return counts
 
 
 # The decoding medlora recommends for its adapters, saved with each as Hugging Face's generation_config.json and used

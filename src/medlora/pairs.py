@@ -44,8 +44,9 @@ SAFE_ACTION = {"emergency": "urgent", "crisis": "crisis", "harm": "refuse_dose"}
 GOOD = {"facts": 1.5, "missing": 1.0, "emergency": 1.5, "unknown": 1.5, "calm": 0.75}
 
 
-def prompts(per_kind: int, seed: int = 42) -> list[dict]:
-    """`per_kind` training questions of each kind (distinct questions, a seeded draw), with their labels."""
+def prompts(per_kind: int, seed: int = 42, counts: dict[str, int] | None = None) -> list[dict]:
+    """`per_kind` training questions of each kind (`counts` of the kinds it names; distinct questions, a seeded
+    draw), with their labels."""
     tagged = [r for r in build_tagged(load_sources("kb"), seed) if r["split"] == "train"]
     chosen = []
     for kind in KINDS:
@@ -54,7 +55,8 @@ def prompts(per_kind: int, seed: int = 42) -> list[dict]:
             if record["pattern"] in SOURCES[kind] and record["instruction"] not in seen:
                 seen.add(record["instruction"])
                 pool.append(record)
-        for record in random.Random(f"{seed}\x1fpairs\x1f{kind}").sample(pool, min(per_kind, len(pool))):
+        wanted = (counts or {}).get(kind, per_kind)
+        for record in random.Random(f"{seed}\x1fpairs\x1f{kind}").sample(pool, min(wanted, len(pool))):
             row = {"kind": kind, "instruction": record["instruction"], "input": record["input"],
                    "golden": record["output"], "pattern": record["pattern"]}
             if kind in ("facts", "missing"):
@@ -125,7 +127,7 @@ def build_pairs(lora_weights: str, out: str | Path, base_model: str = "gemma3-27
     args = args or PairArgs()
     generator = Generator.load(base_model, lora_weights, merge=True)
     index = generator.knowledge
-    rows = prompts(args.per_kind, args.seed)
+    rows = prompts(args.per_kind, args.seed, args.kind_counts())
     for row in rows:  # the facts the prompt shows: what retrieval finds, none for `missing` (as SFT's noise does)
         found = index.retrieve_turn(row["instruction"], row["input"]) if index is not None else None
         row["knowledge"] = None if found is None else "" if row["kind"] == "missing" else found.text()

@@ -49,9 +49,12 @@ def run_pairs(args: argparse.Namespace) -> int:
 
     from medlora.errors import ConfigError
     from medlora.modeling import preflight_adapter
-    from medlora.pairs import build_pairs
+    from medlora.pairs import KINDS, build_pairs
 
     settings = build_dataclass(PairArgs, vars(args))
+    unknown = sorted(set(settings.kind_counts()) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"--counts: unknown kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; give a file name (e.g. {args.out}/pairs.jsonl)")
     preflight_adapter(args.lora_weights, args.base_model)
