@@ -123,3 +123,38 @@ def test_split_is_seeded_and_sized():
     assert {r["instruction"] for r in train}.isdisjoint({r["instruction"] for r in val})
     with pytest.raises(DataError, match="leaves no training records"):
         split_records(records, 100)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("instruction=问题,output=问题", "column '问题' is mapped twice"),
+    ("instruction=问题,instruction=题目", "field 'instruction' is given two columns"),
+])
+def test_columns_mapped_twice_are_refused(spec, message):
+    from medlora.data import parse_columns
+    from medlora.errors import DataError
+
+    with pytest.raises(DataError, match=message):
+        parse_columns(spec)
+
+
+def test_a_record_with_two_conversations_is_refused(tmp_path):
+    from medlora.data import load_records
+    from medlora.errors import DataError
+
+    path = tmp_path / "both.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
+                                "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 1: the record has both 'conversations' and 'messages'"):
+        load_records(path)
+
+
+def test_a_whitespace_response_split_is_refused(tmp_path):
+    from medlora.errors import TemplateError
+    from medlora.templates import load_template
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt_input": "{instruction}{input}", "prompt_no_input": "{instruction}",
+                                "response_split": " "}), encoding="utf-8")
+    with pytest.raises(TemplateError, match="only whitespace"):
+        load_template(str(path))

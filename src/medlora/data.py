@@ -56,7 +56,13 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
         if len(pair) != 2 or pair[0].strip() not in (*FIELDS, *CONVERSATION_FIELDS):
             raise DataError(f"--columns: expected FIELD=COLUMN with FIELD one of "
                             f"{', '.join((*FIELDS, *CONVERSATION_FIELDS))}; got {spec!r}")
-        mapping[pair[1].strip()] = pair[0].strip()
+        field, column = pair[0].strip(), pair[1].strip()
+        if column in mapping:
+            raise DataError(f"--columns: column {column!r} is mapped twice ({mapping[column]} and {field}); map each "
+                            f"column to one field")
+        if field in mapping.values():
+            raise DataError(f"--columns: field {field!r} is given two columns; give it one")
+        mapping[column] = field
     return mapping
 
 
@@ -157,6 +163,9 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
         renamed.update({name: row[column] for column, name in mapping.items() if column in row})
         row = renamed
     if data_format in TURN_KEYS:
+        both = [key for key, _, _ in TURN_KEYS.values() if key in row]
+        if len(both) > 1:
+            raise DataError(f"{where}: the record has both {' and '.join(map(repr, both))}; keep one conversation")
         row = {**row, **conversation_fields(row, where, data_format, require_output)}
     record = {}
     for name in FIELDS:

@@ -324,6 +324,9 @@ def load_template(name_or_path: str | dict) -> Template:
         raise TemplateError(f"{path}: prompt_input and prompt_no_input must contain {{instruction}}")
     if ("{knowledge}" in data["prompt_no_input"]) != ("{knowledge}" in data["prompt_input"]):
         raise TemplateError(f"{path}: a {{knowledge}} slot must be in both prompt_input and prompt_no_input")
+    if data["response_split"] and not data["response_split"].strip():
+        raise TemplateError(f"{path}: field 'response_split' is only whitespace, which would cut every answer at its "
+                            f"first space; give the marker that ends the prompt (or \"\")")
     if not isinstance(data.get("no_knowledge", ""), str):
         raise TemplateError(f"{path}: field 'no_knowledge' must be a string")
     return Template(
