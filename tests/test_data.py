@@ -5,7 +5,7 @@ import pytest
 
 from medlora.data import load_records, split_records
 from medlora.errors import DataError
-from conftest import SHARED_DATA, TINY_RECORDS
+from conftest import SHARED_DATA, TINY_RECORDS, write_jsonl
 
 EXPECTED = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in TINY_RECORDS]
 
@@ -141,10 +141,9 @@ def test_a_record_with_two_conversations_is_refused(tmp_path):
     from medlora.data import load_records
     from medlora.errors import DataError
 
-    path = tmp_path / "both.jsonl"
-    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
-                                "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]},
-                               ensure_ascii=False) + "\n", encoding="utf-8")
+    path = write_jsonl(tmp_path / "both.jsonl", [
+        {"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
+         "messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}])
     with pytest.raises(DataError, match="line 1: the record has both 'conversations' and 'messages'"):
         load_records(path)
 

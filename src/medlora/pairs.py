@@ -16,7 +16,8 @@ split), in kinds that each have a judge:
 
 and every answer loses for a loop (a phrase five times in a row), no end (cut at the token limit), a leak of
 another answer form and an echo of the question. Chosen = the best sample when the judges rank it above the golden
-answer (and it reaches the kind's bar), else the golden answer; rejected = the worst sample; a pair is kept when the two differ by `margin` or more.
+answer (and it reaches the kind's bar), else the golden answer; rejected = the worst sample; a pair is kept when
+the two differ by `margin` or more.
 Sampling is seeded: the same adapter, prompts and seed give the same file, byte for byte, on one machine.
 """
 
@@ -69,12 +70,14 @@ def prompts(per_kind: int, seed: int = 42, counts: dict[str, int] | None = None)
 
 def judge(row: dict, index=None) -> dict:
     """The judges' verdicts on one answer (`row`: the prompt's labels, `output`, `ended_by_eos`) and their `total`."""
-    output, kind = row.get("output") or "", row["kind"]
-    verdict = {"loop": loops(output), "ended": bool(row.get("ended_by_eos", True)),
-               "leaks": leaks({**row, "output": output}), "echo": echoes({**row, "output": output})}
+    kind = row["kind"]
+    answer = {**row, "output": row.get("output") or ""}
+    output = answer["output"]
+    verdict = {"loop": loops(output), "ended": bool(row.get("ended_by_eos", True)), "leaks": leaks(answer),
+               "echo": echoes(answer)}
     total = -1.0 * verdict["loop"] - 0.5 * (not verdict["ended"]) - 0.5 * len(verdict["leaks"]) - 0.5 * verdict["echo"]
     if kind in ("facts", "missing"):
-        facts = fact_scores({**row, "output": output}, index)
+        facts = fact_scores(answer, index)
         verdict.update(facts)
         precision = facts.get("fact_precision")
         if kind == "facts":
@@ -132,7 +135,7 @@ def build_pairs(lora_weights: str, out: str | Path, base_model: str = "gemma3-27
         found = index.retrieve_turn(row["instruction"], row["input"]) if index is not None else None
         row["knowledge"] = None if found is None else "" if row["kind"] == "missing" else found.text()
     prompts_text = [generator.template.build_prompt(r["instruction"], r["input"], generator.tokenizer, (),
-                                                    r["knowledge"] if index is not None else None) for r in rows]
+                                                    r["knowledge"]) for r in rows]
     gen = GenerationArgs(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                          top_p=args.top_p, top_k=0, frequency_penalty=0.3)
     torch.manual_seed(args.seed)

@@ -52,9 +52,10 @@ def pair_records(data: DataArgs, knowledge, template) -> list[dict]:
     records = load_records(data.data_path, pairs=True)
     if knowledge is None or not template.has_knowledge_slot:
         return [{**r, "knowledge": None} for r in records]
-    return [r if isinstance(r.get("knowledge"), str)
-            else {**r, "knowledge": knowledge.retrieve_turn(r["instruction"], r["input"], r.get("history") or ()).text()}
-            for r in records]
+    def facts(r: dict) -> str:
+        return knowledge.retrieve_turn(r["instruction"], r["input"], r.get("history") or ()).text()
+
+    return [r if isinstance(r.get("knowledge"), str) else {**r, "knowledge": facts(r)} for r in records]
 
 
 def _trainer_class(stage: str):
@@ -145,8 +146,10 @@ def prefer(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArg
         check_compile_toolchain()
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,
                                     echo if is_main_process() else (lambda *_: None))
-    tokenizer = load_tokenizer(model_args.base_model, padding_side="right", trust_remote_code=model_args.trust_remote_code)
-    train_examples, stats = tokenize_pairs(pair_records(data, knowledge, template), template, tokenizer, data.cutoff_len)
+    tokenizer = load_tokenizer(model_args.base_model, padding_side="right",
+                               trust_remote_code=model_args.trust_remote_code)
+    train_examples, stats = tokenize_pairs(pair_records(data, knowledge, template), template, tokenizer,
+                                           data.cutoff_len)
     if not train_examples:
         raise MedloraError(f"{data.data_path}: no pair left after tokenisation ({stats.summary()})")
     val_examples = []

@@ -89,20 +89,14 @@ def generation_args(args: argparse.Namespace, *folders) -> GenerationArgs:
 
 def recorded_decoding(*folders) -> dict:
     """The GenerationArgs fields in the first folder's generation_config.json that holds one ({} when none does)."""
-    import json
-
     from medlora.config import GENERATION_CONFIG
+    from medlora.io import read_json_object
 
     names = {f.name for f in fields(GenerationArgs)}
     for folder in folders:
         path = Path(folder, GENERATION_CONFIG) if folder else None
         if path is not None and path.is_file():
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                raise ConfigError(f"{path}: not valid JSON (delete it to decode with the defaults)") from None
-            if not isinstance(saved, dict):
-                raise ConfigError(f"{path}: expected a JSON object of decoding settings")
+            saved = read_json_object(path, ConfigError, "a JSON object of decoding settings")
             return {key: value for key, value in saved.items() if key in names}
     return {}
 
