@@ -342,7 +342,7 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(cli_results,
     ("finetune:under_file", "--output_dir {a_file}/run: {a_file} is a file, so no folder can be made under it"),
     ("infer:proc", "--model_output_dir /proc/medlora-results: cannot write in /proc"),
     ("eval:proc", "--out /proc/medlora-eval: cannot write in /proc"),
-    ("merge:under_file", "--out {a_file}: exists and is not a folder"),
+    ("merge:under_file", "--out {a_file}/merged: {a_file} is a file, so no folder can be made under it"),
 ])
 def test_an_output_folder_where_nothing_can_be_written_is_refused_before_any_work(cli_results, case, message):
     a_file = next(Path(arg) for arg in cli_results["finetune:out"]["argv"] if arg.endswith("a_file"))

@@ -22,7 +22,7 @@ def generator(tiny_model):
 
 def _answer_tokens(generator, prompts, gen) -> list[list[int]]:
     """Each prompt's greedy answer tokens from a static `generate` call."""
-    encoded = generator._encode(prompts)
+    encoded = generator._encode(prompts, gen)
     out = generator.model.generate(**encoded, **generator._generate_kwargs(gen, encoded["input_ids"].shape[1]))
     return out[:, encoded["input_ids"].shape[1]:].tolist()
 
@@ -146,3 +146,18 @@ def test_the_server_loop_takes_its_models_requests_until_another_model_has_waite
         assert taken == [jobs[name] for name in expected.split()]
         assert list(engine._pending) == [j for j in jobs.values() if j not in taken]
     assert engine._take("a", 8) == []  # a2 and a3 wait behind b1
+
+
+def test_a_prompt_past_the_context_loses_its_oldest_tokens_and_max_new_tokens_is_bounded(generator, caplog):
+    from medlora.errors import ConfigError
+
+    context = generator.context_length
+    huge = "头痛" * context  # more tokens than the whole context
+    gen = GenerationArgs(max_new_tokens=8)
+    ids = generator.prompt_ids([huge, "头痛"], gen)
+    assert len(ids[0]) == context - 8 and ids[0][-5:] == generator.tokenizer(huge)["input_ids"][-5:]
+    assert ids[1] == generator.tokenizer("头痛")["input_ids"]
+    assert "oldest tokens were left out" in caplog.text
+    assert generator.generate([huge], gen)[0].n_tokens <= 8
+    with pytest.raises(ConfigError, match="--max_new_tokens 100000"):
+        generator.generate(["头痛"], GenerationArgs(max_new_tokens=100000))

@@ -55,6 +55,9 @@ BAD = [
     ("late system", lambda c: c["conversations"].insert(3, {"from": "system", "value": "S"}),
      "turn 4: a system turn is allowed only first"),
     ("not a list", lambda c: c.update(conversations="你好"), "field 'conversations' must be a non-empty list"),
+    ("role a list", lambda c: c["conversations"][1].update({"from": ["human"]}),  # was: unhashable type
+     "turn 2: field 'from' must be a string (one of human, user, gpt, assistant, system), got list"),
+    ("role null", lambda c: c["conversations"][1].update({"from": None}), "turn 2: field 'from' must be a string"),
 ]
 
 
@@ -67,6 +70,26 @@ def test_a_bad_conversation_is_named_by_file_line_and_turn(tmp_path, name, spoil
         load_records(path)
     text = str(caught.value)
     assert text.startswith(f"{path}: line 2: ") and message in text and len(text) <= 300, text
+
+
+def test_openai_content_parts_are_the_texts_joined(tmp_path):
+    """Messages whose content is OpenAI's parts read as `medlora serve` reads a request's: the texts joined by a
+    newline (they were called "empty"); a part that is not text is one line naming the turn and the part."""
+    row = messages()
+    row["messages"][1]["content"] = [{"type": "text", "text": "头痛"}, {"type": "text", "text": "三天了。"}]
+    row["messages"][-1]["content"] = [{"type": "text", "text": "可以短期服用布洛芬。"}]
+    [record] = load_records(write_jsonl(tmp_path / "parts.jsonl", [row]))
+    assert record == {**EXPECTED, "history": [["头痛\n三天了。", "有发热吗？"], EXPECTED["history"][1]]}
+    for part, message in (({"type": "image_url", "image_url": {"url": "x.png"}}, "got type 'image_url'"),
+                          ("头痛", "got type 'str'"), ({"type": "text", "text": 3}, "got type 'text'")):
+        row["messages"][1]["content"] = [{"type": "text", "text": "看图"}, part]
+        with pytest.raises(DataError) as caught:
+            load_records(write_jsonl(tmp_path / "bad.jsonl", [row]))
+        text = str(caught.value)
+        assert "line 1: turn 2: 'content' part 2: only text parts" in text and message in text, text
+    row["messages"][1]["content"] = [{"type": "text", "text": " "}]
+    with pytest.raises(DataError, match="line 1: turn 2: empty turn"):
+        load_records(write_jsonl(tmp_path / "blank.jsonl", [row]))
 
 
 def test_a_bad_conversation_stops_finetune_in_one_line_before_any_model(tiny_model, tmp_path, capsys):

@@ -157,3 +157,21 @@ def test_a_whitespace_response_split_is_refused(tmp_path):
                                 "response_split": " "}), encoding="utf-8")
     with pytest.raises(TemplateError, match="only whitespace"):
         load_template(str(path))
+
+
+def test_lone_surrogates_are_refused_in_every_text_a_record_carries(tmp_path):
+    """data._check_encodable, the one rule for broken text, covers the facts a preference pair carries and the
+    text of OpenAI content parts too (instruction/input/output, system, history and turns had it already)."""
+    rows = [{"prompt": "问", "chosen": "甲", "rejected": "乙", "knowledge": "事实\ud800"},
+            {"prompt": [{"role": "user", "content": "问"}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "甲"}]}],
+             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "乙\udc00"}]}]}]
+    for number, row in enumerate(rows, start=1):
+        path = tmp_path / f"pairs{number}.jsonl"
+        path.write_text(json.dumps(row) + "\n", encoding="utf-8")  # \u escapes: the file itself is valid UTF-8
+        with pytest.raises(DataError, match="line 1: field '(knowledge|rejected)'.*unpaired surrogate"):
+            load_records(path, pairs=True)
+    rows[1]["rejected"][0]["content"][0]["text"] = "乙"
+    path.write_text(json.dumps(rows[1]) + "\n", encoding="utf-8")
+    [pair] = load_records(path, pairs=True)
+    assert (pair["instruction"], pair["output"], pair["rejected"]) == ("问", "甲", "乙")

@@ -74,6 +74,11 @@ def test_a_users_knowledge_file(tmp_path):
     ('{"name": ""}', "line 1: field 'name' must be a non-empty string"),
     ('[1, 2]', "line 1: a knowledge record must be an object"),
     ('{"name": "甲病"', "line 1: invalid JSON"),
+    # issue 38, item 12: text that trains and then fails the adapter's save, and words that link every question
+    ('{"name": "甲病\\ud800"}', "line 1: field 'name': unpaired surrogate '\\ud800' at character 3"),
+    ('{"name": "甲病", "symptoms": ["\\udc00热"]}', "line 1: field 'symptoms': unpaired surrogate"),
+    ('{"name": "！？…"}', "line 1: field 'name': '！？…' is only punctuation and spaces, which would match every question"),
+    ('{"name": "甲病", "aliases": ["乙病", " - "]}', "line 1: field 'aliases': '-' is only punctuation and spaces"),
 ])
 def test_bad_knowledge_files_get_one_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -82,3 +87,19 @@ def test_bad_knowledge_files_get_one_line(tmp_path, line, message):
         read_knowledge_file(path)
     assert str(error.value).startswith(str(path)) and message in str(error.value)
     assert "\n" not in str(error.value) and len(str(error.value)) <= 300
+
+
+def test_the_curated_base_and_a_users_yaml_share_the_entry_text_check(tmp_path):
+    """The one check of an entry's strings (kb.check_entry_text) runs for the curated YAML folder too, and for
+    YAML's own escapes; an entry named by an unprintable name is named by its number."""
+    from medlora.kb import load_knowledge_base
+
+    entry = ("- name: 甲病\n  aliases: [\"。。\"]\n  icd10_chapter: \"X 呼吸系统疾病\"\n  department: 呼吸内科\n"
+             "  causes: [病毒]\n  symptoms: [咳嗽]\n  examinations: [胸片]\n  treatments: [休息]\n")
+    (tmp_path / "ch10_x.yaml").write_text(entry, encoding="utf-8")
+    with pytest.raises(DataError, match=r"^ch10_x.yaml: disease '甲病': field 'aliases': '。。' is only punctuation"):
+        load_knowledge_base(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text('- name: "甲\\ud800"\n  drugs: [青霉素]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"record 1: field 'name': unpaired surrogate"):
+        read_knowledge_file(mine)

@@ -124,9 +124,15 @@ def test_the_adapter_records_its_knowledge_and_infer_uses_it(tiny_model, knowled
 def test_the_knowledge_reaches_the_prompt_of_a_loaded_generator(tiny_model, knowledge_adapter):
     from medlora.generate import Generator
 
+    from medlora.turns import Turn
+
     generator = Generator.load(tiny_model, str(knowledge_adapter), dtype="fp32")
-    prompt = generator.build_prompt("石垣病用什么药？")
+    prompt, found = generator.prepare(Turn("石垣病用什么药？"))
     assert "### 知识:\n石垣病·就诊科室：骨科\n石垣病·常用药物：乙洛芬\n### 问题:\n石垣病用什么药？" in prompt
+    assert found.diseases == ["石垣病"]
+    # a follow-up: the disease named in an earlier user turn, the facts before the new question
+    prompt, found = generator.prepare(Turn.of({"instruction": "用什么药？", "history": [["石垣病是什么？", "一种骨病。"]]}))
+    assert found.diseases == ["石垣病"] and prompt.index("乙洛芬") < prompt.index("用什么药？")
     assert Generator.load(tiny_model, str(knowledge_adapter), dtype="fp32", knowledge="none").lookup("石垣病") is None
 
 

@@ -259,3 +259,21 @@ def test_the_same_flags_mean_the_same_thing_in_every_command_and_the_old_spellin
     assert (old.instruct_dir, old.model_output_dir) == ("d", "o")
     assert build_parser(only="merge").parse_args(["merge", "--base_model", "b", "--lora_weights", "a",
                                                   "--output_dir", "o"]).out == "o"
+
+
+@pytest.mark.parametrize("command, recipe, missing", [
+    (["merge"], "base_model: tiny-qwen2\nlora_weights: {gone}\nout: {tmp}/merged\n", "--out"),
+    (["export"], "base_model: tiny-qwen2\nlora_weights: {gone}\nout: {tmp}/m.gguf\n", "--out"),
+    (["data", "pairs"], "lora_weights: {gone}\nout: {tmp}/pairs.jsonl\nper_kind: 2\n", "--lora_weights"),
+])
+def test_a_recipe_can_give_the_required_options(tmp_path, capsys, command, recipe, missing):
+    """Required options are checked after the recipe is read: a complete recipe runs (here into the missing adapter's
+    one-line error), and without the recipe the option is still required."""
+    gone = tmp_path / "no-adapter"
+    path = write(tmp_path, recipe.format(gone=gone, tmp=tmp_path))
+    assert main([*command, "--config", str(path)]) == 2
+    assert f"--lora_weights {gone}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*command, "--base_model", "tiny-qwen2"] if command[0] != "data" else command)
+    err = capsys.readouterr().err
+    assert "the following arguments are required" in err and missing in err

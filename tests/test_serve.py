@@ -1,12 +1,14 @@
 """`medlora serve`: the real server in a subprocess, driven by the official `openai` client and by httpx.
 
-One server (tiny-qwen2 + the memorising tiny adapter as `tuned`, API key on, small bounds) serves the module.
+One server (tiny-qwen2 + the memorising tiny adapter as `tuned`, API key on, small bounds) serves the module; the
+test of a batch with a failing row runs the app in process, where generation can be made to fail.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -294,3 +296,93 @@ def test_a_temperature_too_small_to_sample_decodes_greedily_and_fails_no_other_r
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(one, range(6)))
     assert all(answer.choices[0].message.content == record["output"] for _, answer in results)
+
+
+HOSTILE = "<hostile-row>"
+
+
+def test_a_row_that_breaks_its_batch_fails_alone_and_the_others_are_answered(tiny_model, tiny_adapter, monkeypatch):
+    """An exception while generating a batch once failed every request in it. Now each of its requests is answered
+    again on its own, resuming where its answer had got to: the 5 plain requests (one streamed, already under way)
+    get their whole answers, and only the 2 whose prompt breaks generation (a marker here) get an error."""
+    import medlora.batching as batching
+    from fastapi.testclient import TestClient
+
+    from medlora.config import ModelArgs
+    from medlora.loader import load
+    from medlora.serve.api import create_app
+    from medlora.serve.engine import Engine, ServeSettings
+
+    widths, penalised = [], batching.penalised
+
+    def breaks_on_the_marker(scores, rows):  # every step of every row passes here
+        widths.append(len(rows))
+        if any(HOSTILE in row.request.tag.request.prompt and len(row.tokens) >= 2 for row in rows):
+            raise RuntimeError("a hostile row")
+        return penalised(scores, rows)
+
+    monkeypatch.setattr(batching, "penalised", breaks_on_the_marker)
+    loaded = load(ModelArgs(tiny_model, "fp32"), {"tuned": str(tiny_adapter)}, merge=False)
+    # Engine.load's second tokenizer (2 s) is for counting while the worker runs; here all are counted before it starts
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.templates, tiny_model)
+    monkeypatch.setattr(engine, "start", lambda: None)  # the worker starts once all 7 are queued: one batch
+    questions = [(TINY_RECORDS[i]["instruction"], i == 1) for i in range(5)] + [(HOSTILE, False), (HOSTILE, True)]
+    with TestClient(create_app(engine, ServeSettings(max_tokens_cap=CAP)), raise_server_exceptions=False) as http:
+        def one(question: str, stream: bool):
+            return http.post("/v1/chat/completions", json=_chat(question, max_tokens=16, stream=stream))
+
+        with ThreadPoolExecutor(max_workers=7) as pool:
+            futures = [pool.submit(one, *question) for question in questions]
+            deadline = time.monotonic() + 30
+            while len(engine._pending) < len(questions) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            Engine.start(engine)
+            responses = [future.result(timeout=60) for future in futures]
+    assert max(widths) == 7  # they shared one batch
+    streamed = [json.loads(line[5:]) for line in responses[1].text.splitlines() if line.startswith("data: {")]
+    assert "".join(event["choices"][0]["delta"].get("content") or "" for event in streamed if event["choices"]) \
+        == TINY_RECORDS[1]["output"]
+    for i in (0, 2, 3, 4):
+        assert responses[i].json()["choices"][0]["message"]["content"] == TINY_RECORDS[i]["output"]
+    assert "internal error (RuntimeError)" in assert_openai_error(responses[5], 500)["message"]
+    last = [line for line in responses[6].text.splitlines() if line.startswith("data: ")][-2:]
+    assert "internal error (RuntimeError)" in json.loads(last[0][5:])["error"]["message"] and last[1] == "data: [DONE]"
+
+
+def test_a_seed_gives_the_same_sampled_answer_whatever_else_is_in_the_batch(client):
+    """Rows draw their samples in turn from one random generator, so a seeded request is answered alone."""
+    def one(seed):
+        return ask(client, "base", "你好", max_tokens=12, temperature=1.0, seed=seed).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(one, [7, None, 7, None, 8, None]))
+    assert answers[0] == answers[2] != answers[4]
+
+
+NOT_HONOURED = [("chat/completions", "n", 2), ("chat/completions", "logprobs", True),
+                ("chat/completions", "top_logprobs", 3), ("completions", "logprobs", 1),
+                ("completions", "echo", True), ("completions", "suffix", "。"), ("completions", "best_of", 2)]
+
+
+@pytest.mark.parametrize("endpoint, field, value", NOT_HONOURED)
+def test_a_field_the_server_does_not_honour_is_refused_naming_it(server, endpoint, field, value):
+    body = _chat(**{field: value}) if endpoint == "chat/completions" else \
+        {"model": "tuned", "prompt": "发热", "max_tokens": 2, field: value}
+    error = assert_openai_error(httpx.post(f"{server[0]}/v1/{endpoint}", json=body, headers=AUTH, timeout=30), 400)
+    assert error["param"] == field and error["code"] == "unsupported_value" and f"{field}=" in error["message"]
+
+
+def test_those_fields_at_their_defaults_are_accepted(client):
+    ask(client, "tuned", "hi", max_tokens=2, n=1, logprobs=False, top_logprobs=0, seed=1)
+    client.completions.create(model="tuned", prompt="发热", max_tokens=2, n=1, logprobs=0, echo=False, suffix="",
+                              best_of=1, seed=1)
+
+
+def test_an_empty_or_blank_question_is_refused_by_both_endpoints(server):
+    """One rule: a chat's last user message and a completion's prompt must hold more than whitespace."""
+    blank_parts = [{"type": "text", "text": " "}, {"type": "text", "text": ""}]
+    bodies = [("chat/completions", _chat(text)) for text in ("", " \n\t", blank_parts)] + \
+        [("completions", {"model": "tuned", "prompt": prompt}) for prompt in ("", "\n ", [" "])]
+    for endpoint, body in bodies:
+        response = httpx.post(f"{server[0]}/v1/{endpoint}", json=body, headers=AUTH, timeout=30)
+        assert assert_openai_error(response, 400)["code"] == "empty_prompt", (endpoint, body)

@@ -155,7 +155,7 @@ def _two_steps(generator, encoded, **penalties) -> tuple:
 def test_repetition_penalty_counts_the_answers_tokens_not_the_prompts(tiny_model, tiny_adapter):
     generator = Generator.load(tiny_model, str(tiny_adapter), dtype="fp32")
     prompts = [generator.build_prompt(r["instruction"], r["input"]) for r in TINY_RECORDS[:2]]
-    encoded = generator._encode(prompts)  # left-padded: the two prompts differ in length
+    encoded = generator._encode(prompts, GenerationArgs())  # left-padded: the two prompts differ in length
     plain, penalised = _two_steps(generator, encoded), _two_steps(generator, encoded, repetition_penalty=1e4)
     assert torch.equal(plain[0], penalised[0])  # nothing generated yet: the prompt's tokens are not penalised
     first = plain[0].argmax(-1)
@@ -183,7 +183,7 @@ def test_frequency_and_presence_penalties_count_the_answers_tokens():
 
 def test_frequency_and_presence_penalties_through_generate(tiny_model):
     generator = Generator.load(tiny_model, dtype="fp32")
-    encoded = generator._encode(["短问题", "一个长得多的问题，需要更多的词元"])  # left-padded
+    encoded = generator._encode(["短问题", "一个长得多的问题，需要更多的词元"], GenerationArgs())  # left-padded
     plain, penalised = _two_steps(generator, encoded), _two_steps(generator, encoded, frequency_penalty=1.5,
                                                                   presence_penalty=0.5)
     assert torch.equal(plain[0], penalised[0])

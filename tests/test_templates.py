@@ -121,3 +121,138 @@ def test_untrusted_text_never_becomes_control_tokens(tiny_model):
         ends = [t for t in supervised if t in (ids_of("<|endoftext|>"), ids_of("<|im_end|>"))]
         assert ends == supervised[-len(ends):] and len(ends) == 1, template.name
         assert example["input_ids"].count(ids_of("<|im_start|>")) == (3 if template.use_chat_template else 0)
+
+
+# --- the chat template derived from a template (GGUF's tokenizer.chat_template, vLLM's --chat-template) --------------
+
+class _EOS:
+    """The one thing build_prompt takes from a tokenizer for these templates: the text of its EOS token."""
+
+    eos_token = "</s>"
+
+
+CONVERSATIONS = [  # (messages, the template's default system text)
+    ([{"role": "user", "content": "感冒的常见症状是什么？"}], ""),
+    ([{"role": "user", "content": "Q1 {x} }}"}, {"role": "assistant", "content": "A1\n"},
+      {"role": "user", "content": "Q2 {{instruction}}"}], "你是一名医生。"),
+    ([{"role": "system", "content": "简洁。"}, {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多久了？"},
+      {"role": "user", "content": "三天"}], "你是一名医生。"),
+]
+
+
+def _derived_template_cases(tmp_path) -> list:
+    """The built-ins, Huatuo's own med_template.json, and templates that a split at the first "{instruction}"
+    rendered wrong: the slot twice, an escaped {{instruction}} before it, literal braces around it."""
+    templates = [load_template(name) for name in ("med_template", "med_knowledge", "alpaca")]
+    if HUATUO_TEMPLATE.exists():
+        templates.append(load_template(str(HUATUO_TEMPLATE)))
+    for number, prompt in enumerate(["问题：{instruction}\n再说一遍：{instruction}\n回答：",
+                                     "写作 {{instruction}} 的是占位符。\n{instruction}\n{{答}}：",
+                                     "{{{instruction}}}\n### 知识:\n{knowledge}\n答:"]):
+        path = tmp_path / f"t{number}.json"
+        path.write_text(json.dumps({"prompt_input": prompt + "{input}",
+                                    "prompt_no_input": prompt, "response_split": "答:"}), encoding="utf-8")
+        templates.append(load_template(str(path)))
+    return templates
+
+
+def test_the_derived_chat_template_renders_what_build_prompt_builds(tmp_path):
+    """Rendered by jinja2 as transformers, vLLM and llama.cpp's Jinja run it, `chat_jinja()` gives for a conversation
+    exactly the prompt `build_prompt` builds for it (after the BOS the tokenizer adds to build_prompt's text)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    for template in _derived_template_cases(tmp_path):
+        for messages, default_system in CONVERSATIONS:
+            template.system = default_system
+            turns = [m["content"] for m in messages if m["role"] != "system"]
+            system = next((m["content"] for m in messages if m["role"] == "system"), None)
+            history = list(zip(turns[:-2:2], turns[1:-1:2]))
+            expected = template.build_prompt(turns[-1], tokenizer=_EOS(), history=history, system=system)
+            rendered = jinja.from_string(template.chat_jinja()).render(messages=messages, bos_token="",
+                                                                        eos_token=_EOS.eos_token,
+                                                                        add_generation_prompt=True)
+            assert rendered == expected, (template.name, template.prompt_no_input)
+
+
+def test_slots_are_read_as_str_format_reads_them(tmp_path):
+    """`{{instruction}}` is literal text, not the slot: a template with only that would have dropped every question;
+    `{{knowledge}}` is no knowledge slot (the facts go before the instruction, not nowhere)."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"prompt_input": "{{instruction}}{input}", "prompt_no_input": "{{instruction}}",
+                                "response_split": "答:"}), encoding="utf-8")
+    with pytest.raises(TemplateError, match=r"must contain \{instruction\}"):
+        load_template(str(path))
+    path.write_text(json.dumps({"prompt_input": "{{knowledge}} {instruction}{input}",
+                                "prompt_no_input": "{{knowledge}} {instruction}", "response_split": "答:"}),
+                    encoding="utf-8")
+    template = load_template(str(path))
+    assert not template.has_knowledge_slot
+    assert template.build_prompt("问", knowledge="事实") == "{knowledge} 参考知识:\n事实\n\n问"
+
+
+# --- an adapter's medlora.json: one schema on read --------------------------------------------------------------------
+
+def _record_folder(tmp_path, **fields):
+    from medlora.templates import load_template as template
+
+    record = {"base_model": "tiny-qwen2", "base_fingerprint": {"model_type": "qwen2", "hidden_size": 64},
+              "template": template("med_knowledge").to_dict(), "system": "你是医生。",
+              "knowledge": {"source": "kb", "sha256": "0" * 64}, **fields}
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "medlora.json").write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+BAD_RECORDS = [  # the cases of issue 38, item 11, and their neighbours
+    ({"template": {**load_template("med_template").to_dict(), "prompt_no_input": "{foo}"}},
+     "field 'template': field 'prompt_no_input': unknown placeholder {foo}"),
+    ({"template": {**load_template("med_template").to_dict(), "prompt_no_input": 5}},
+     "field 'template': field 'prompt_no_input' must be a string"),
+    ({"knowledge": "kb"}, "field 'knowledge' must be an object with a non-empty string 'source'"),
+    ({"base_fingerprint": "x"}, "field 'base_fingerprint' must be an object of the base model's config values"),
+    ({"system": ["医生"]}, "field 'system' must be a string, got [\"医生\"]"),
+    ({"template": "med_template"}, "field 'template' must be an object"),
+    ({"template": {**load_template("chat").to_dict(), "use_chat_template": "yes"}},
+     "field 'template': field 'use_chat_template' must be true or false"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_RECORDS, ids=[m.split("'")[1] for _, m in BAD_RECORDS])
+def test_a_bad_field_of_medlora_json_is_one_line_naming_file_and_field(tmp_path, fields, message):
+    from medlora.errors import ModelError
+    from medlora.loader import read_record
+
+    folder = _record_folder(tmp_path, **fields)
+    with pytest.raises(ModelError) as caught:
+        read_record(folder)
+    text = str(caught.value)
+    assert text.startswith(f"{folder / 'medlora.json'}: {message}") and "\n" not in text and len(text) <= 300, text
+
+
+def test_valid_records_load_as_before(tmp_path):
+    """What train, prefer and merge write (null and absent fields mean "not recorded"), and an older adapter's
+    template without the fields added since (use_chat_template, no_knowledge), load as they did."""
+    from medlora.loader import knowledge_for, recorded_knowledge, template_for
+
+    folder = _record_folder(tmp_path)
+    assert template_for(None, folder).name == "med_knowledge" and template_for(None, folder).system == "你是医生。"
+    assert recorded_knowledge(folder) == "kb"
+    old = {key: value for key, value in load_template("med_template").to_dict().items() if key != "use_chat_template"}
+    folder = _record_folder(tmp_path, template=old, knowledge=None, system=None, base_fingerprint=None)
+    assert template_for(None, folder).prompt_no_input == old["prompt_no_input"]
+    assert knowledge_for(None, folder) is None
+    assert template_for(None, _record_folder(tmp_path, template=load_template("chat").to_dict())).use_chat_template
+
+
+def test_infer_refuses_a_bad_record_before_reading_any_other_field(tiny_model, tmp_path, capsys):
+    """The record is checked before the adapter's other checks read it (the base fingerprint's): one line, exit 2."""
+    from medlora.cli import main
+
+    folder = _record_folder(tmp_path, base_fingerprint="x")  # no weights either: the record is read first
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"instruction": "问"}\n', encoding="utf-8")
+    assert main(["infer", "--base_model", tiny_model, "--lora_weights", str(folder), "--instruct_dir", str(data)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "medlora.json: field 'base_fingerprint' must be an object" in err[0], err

@@ -38,3 +38,23 @@ def test_no_eos_when_disabled(tiny_model):
     tokenizer = load_tokenizer(tiny_model)
     (example,), _ = tokenize_records([RECORD], load_template("med_template"), tokenizer, add_eos_token=False)
     assert example["input_ids"][-1] != tokenizer.eos_token_id
+
+
+def test_a_long_conversation_loses_its_oldest_turns_by_binary_search(tiny_model, monkeypatch):
+    """2,000 turns: the fewest oldest turns are left out, found with O(log n) renderings, not one per turn."""
+    import medlora.tokenize as tokenize
+
+    tokenizer = load_tokenizer(tiny_model)
+    template = load_template("med_template")
+    history = [(f"第{i}问", f"第{i}答") for i in range(2000)]
+    record = {"instruction": "最后的问题", "input": "", "output": "回答", "history": history}
+    renders = []
+    real = tokenize._pieces
+    monkeypatch.setattr(tokenize, "_pieces", lambda *args: renders.append(1) or real(*args))
+    examples, stats = tokenize_records([record], template, tokenizer, cutoff_len=200)
+    kept = history[stats.n_turns_cut:]
+    assert 0 < len(kept) < 2000 and len(examples[0]["input_ids"]) <= 200 and stats.n_truncated == 0
+    one_more = tokenize_records([{**record, "history": history[stats.n_turns_cut - 1:]}], template, tokenizer,
+                                cutoff_len=10**6)[0][0]
+    assert len(one_more["input_ids"]) > 200  # keeping one more turn would not fit: the fewest were left out
+    assert len(renders) <= 16  # 1 + log2(2000) + 1, where dropping turns one by one rendered 1,000+ times

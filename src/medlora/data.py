@@ -16,6 +16,7 @@ a bad one raises `DataError` naming the file, the line or record number and the 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -67,19 +68,20 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
 
 
 def load_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None,
-                 data_format: str = "auto", pairs: bool = False) -> list[dict]:
+                 data_format: str = "auto", pairs: bool = False, hashes: dict | None = None) -> list[dict]:
     """Every record of `source`, validated, as `{"instruction", "input", "output"}` dicts (with `history` and
     `system` when a conversation has them). `pairs`: preference pairs (`pair_record`), `output` being the chosen
-    answer and `rejected` the other."""
+    answer and `rejected` the other. `hashes`, when given, gets {file: sha256 of the bytes read} for each file read
+    (the provenance an adapter records: what was trained on, even if the file changes or goes later)."""
     records = list(iter_records(source, require_output=require_output, columns=columns, data_format=data_format,
-                                pairs=pairs))
+                                pairs=pairs, hashes=hashes))
     if not records:
         raise DataError(f"{source}: no records found")
     return records
 
 
 def iter_records(source: str | Path, require_output: bool = True, columns: str | dict | None = None,
-                 data_format: str = "auto", pairs: bool = False) -> Iterator[dict]:
+                 data_format: str = "auto", pairs: bool = False, hashes: dict | None = None) -> Iterator[dict]:
     """Stream validated records; large JSONL files are read line by line, never whole."""
     if data_format not in DATA_FORMATS:
         raise DataError(f"--data_format {data_format!r}: use one of {', '.join(DATA_FORMATS)}")
@@ -94,9 +96,9 @@ def iter_records(source: str | Path, require_output: bool = True, columns: str |
         if not files:
             raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in this folder")
         for file in files:
-            yield from _iter_file(file, require_output, mapping, data_format, pairs)
+            yield from _iter_file(file, require_output, mapping, data_format, pairs, hashes)
     elif path.is_file():
-        yield from _iter_file(path, require_output, mapping, data_format, pairs)
+        yield from _iter_file(path, require_output, mapping, data_format, pairs, hashes)
     elif path.exists():
         raise DataError(f"{source}: not a regular file or folder (a FIFO, device or socket cannot be read as data)")
     elif path.is_symlink():
@@ -112,21 +114,22 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str = "auto",
-               pairs: bool = False) -> Iterator[dict]:
+               pairs: bool = False, hashes: dict | None = None) -> Iterator[dict]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty (0 bytes)")
+        digest = hashlib.sha256()
         if suffix == ".parquet":
-            rows = _read_parquet(path)
+            rows = _read_parquet(path, digest)
         elif suffix == ".csv":
-            rows = _read_csv(path)
+            rows = _read_csv(path, digest)
         elif suffix == ".json" and _first_char(path) == "[":
-            rows = _read_json_array(path)
+            rows = _read_json_array(path, digest)
         else:
-            rows = _read_jsonl(path)
+            rows = _read_jsonl(path, digest)
         fmt = None if data_format == "auto" else data_format
         for where, row in rows:
             if pairs:
@@ -134,6 +137,8 @@ def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str
                 continue
             fmt = fmt or detect_format(row, mapping)
             yield validate_record(row, f"{path}: {where}", require_output, mapping, fmt)
+        if hashes is not None:  # every byte was read (and hashed as it was read)
+            hashes[str(path)] = digest.hexdigest()
     except OSError as exc:  # unreadable (permissions, a vanished network mount): still the user's to fix
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
@@ -212,13 +217,13 @@ def conversation_fields(row: dict, where: str, data_format: str, require_output:
         at = f"{where}: turn {number}"
         if not isinstance(turn, dict):
             raise DataError(f"{at}: a turn must be an object with '{role_key}' and '{text_key}'")
-        role, text = turn.get(role_key), turn.get(text_key)
+        role = turn.get(role_key)
+        if not isinstance(role, str):  # a list or an object cannot even be looked up among the roles
+            raise DataError(f"{at}: field '{role_key}' must be a string (one of {', '.join(roles)}), got "
+                            f"{'null' if role is None else type(role).__name__}")
         if role not in roles:
-            raise DataError(f"{at}: unknown role {str(role)[:40]!r} in '{role_key}' (known: {', '.join(roles)})")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{at}: empty turn ('{text_key}' must be non-empty text)")
-        if not text.isascii():
-            _check_encodable(text, f"{at}: '{text_key}'")
+            raise DataError(f"{at}: unknown role {role[:40]!r} in '{role_key}' (known: {', '.join(roles)})")
+        text = turn_text(turn.get(text_key), at, text_key)
         if roles[role] == "system":
             if number != 1:
                 raise DataError(f"{at}: a system turn is allowed only first")
@@ -241,6 +246,24 @@ def conversation_fields(row: dict, where: str, data_format: str, require_output:
     if system or row.get("system") is not None:
         fields["system"] = system or row.get("system")
     return fields
+
+
+def turn_text(content, at: str, text_key: str, empty: str = "empty turn") -> str:
+    """A turn's non-empty text: a string, or OpenAI's content parts (`[{"type": "text", "text": ...}, ...]`)
+    joined by a newline, as `medlora serve` joins a request's; a part that is not text (an image, audio) is refused,
+    since nothing could be trained on it. `empty` opens the message for a turn without text."""
+    if isinstance(content, list):
+        for number, part in enumerate(content, start=1):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(f"{at}: '{text_key}' part {number}: only text parts ({{\"type\": \"text\", "
+                                f"\"text\": ...}}) can be read, got type {str(kind)[:40]!r}")
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str) or not content.strip():
+        raise DataError(f"{at}: {empty} ('{text_key}' must be non-empty text)")
+    if not content.isascii():
+        _check_encodable(content, f"{at}: '{text_key}'")
+    return content
 
 
 # --- preference pairs ------------------------------------------------------------------------------------------------
@@ -293,6 +316,7 @@ def pair_record(row, where: str) -> dict:
     if knowledge is not None:
         if not isinstance(knowledge, str):
             raise DataError(f"{where}: field 'knowledge' must be a string (the facts shown; \"\" for none)")
+        _check_encodable(knowledge, f"{where}: field 'knowledge'")
         record["knowledge"] = knowledge
     if isinstance(row.get("scores"), dict):
         record["scores"] = row["scores"]
@@ -314,11 +338,7 @@ def _last_turn(turns: list, key: str, role_key: str, text_key: str, where: str) 
     turn = turns[-1] if turns else None
     if not isinstance(turn, dict) or turn.get(role_key) not in ("assistant", "gpt"):
         raise DataError(f"{where}: field '{key}' must end with an assistant turn ({role_key}: assistant or gpt)")
-    text = turn.get(text_key)
-    if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: field '{key}': empty answer ('{text_key}' must be non-empty text)")
-    _check_encodable(text, f"{where}: field '{key}'")
-    return text
+    return turn_text(turn.get(text_key), f"{where}: field '{key}'", text_key, empty="empty answer")
 
 
 def _history(value, where: str) -> list[list[str]]:
@@ -414,9 +434,17 @@ def _first_char(path: Path) -> str:
     return head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")[:1]
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+def _read_hashed(path: Path, digest) -> bytes:
+    raw = path.read_bytes()
+    digest.update(raw)
+    return raw
+
+
+def _read_jsonl(path: Path, digest=None) -> Iterator[tuple[str, object]]:
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(raw)
             line = _decode(raw, path, f"line {lineno}").lstrip("\ufeff").strip()
             if not line:
                 continue
@@ -429,8 +457,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
             yield f"line {lineno}", row
 
 
-def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
-    text = _decode(path.read_bytes(), path).lstrip("\ufeff")
+def _read_json_array(path: Path, digest) -> Iterator[tuple[str, object]]:
+    text = _decode(_read_hashed(path, digest), path).lstrip("\ufeff")
     try:
         rows = json.loads(text, object_pairs_hook=_no_repeated_keys)
     except _RepeatedKey as exc:
@@ -443,9 +471,9 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, object]]:
         yield f"record {index}", row
 
 
-def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
+def _read_csv(path: Path, digest) -> Iterator[tuple[str, object]]:
     """Rows as {header: value}; a row with more or fewer values than the header has columns is an error."""
-    text = _decode(path.read_bytes(), path).lstrip("\ufeff")
+    text = _decode(_read_hashed(path, digest), path).lstrip("\ufeff")
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     # newline="": only \r and \n end a CSV line (str.splitlines would also split at \u2028, \x1c, ... inside values)
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -467,11 +495,12 @@ def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+def _read_parquet(path: Path, digest) -> Iterator[tuple[str, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(_read_hashed(path, digest)))
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: not a readable parquet file ({exc})") from None
     for index, row in enumerate(table.to_pylist(), start=1):

@@ -20,12 +20,15 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 
 from medlora.batching import Finished, RefillLoop, Request
 from medlora.config import GenerationArgs
+from medlora.errors import ConfigError
 from medlora.templates import END_OF_TURN_TOKENS, Template
+from medlora.turns import Turn
 
 if TYPE_CHECKING:
     from medlora.knowledge import KnowledgeIndex, Retrieved
 
 logger = logging.getLogger(__name__)
+PROMPT_ROOM_MIN = 16  # the fewest prompt tokens --max_new_tokens must leave in the context
 
 
 class AnswerCountPenalty:
@@ -126,6 +129,13 @@ class Generator:
             return None
         return self.knowledge.retrieve_turn(instruction, input, history)
 
+    def prepare(self, turn: Turn) -> tuple[str, "Retrieved | None"]:
+        """The prompt for `turn` and the facts retrieved for it (None with knowledge off): looked up from the
+        question (a follow-up's disease from the earlier user turns), then rendered as training rendered it. The one
+        way infer, eval, chat, the server and the web page turn a question into a prompt."""
+        found = self.lookup(turn.instruction, turn.input, turn.history)
+        return self.build_prompt(turn.instruction, turn.input, turn.history, found, turn.system), found
+
     def build_prompt(self, instruction: str, input: str = "", history=(), retrieved: "Retrieved | None" = None,
                      system: str | None = None) -> str:
         """The prompt for a question after the earlier (user, assistant) turns of `history`, rendered as training
@@ -135,9 +145,46 @@ class Generator:
         knowledge = retrieved.text() if retrieved is not None else None
         return self.template.build_prompt(instruction, input, self.tokenizer, history, knowledge, system)
 
-    def _encode(self, prompts: list[str]):
-        return self.tokenizer(prompts, return_tensors="pt", padding=True,
-                              add_special_tokens=self.template.add_special_tokens).to(self.device)
+    @cached_property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and answer) the model was built for; None when its config does not say."""
+        config = self.model.config
+        return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                       "max_position_embeddings", None)
+
+    def prompt_room(self, gen: GenerationArgs) -> int | None:
+        """The prompt tokens the context leaves beside `gen.max_new_tokens` (None: the model does not say); a
+        `max_new_tokens` that leaves too little is one line."""
+        context = self.context_length
+        if not context:
+            return None
+        if context - gen.max_new_tokens < PROMPT_ROOM_MIN:
+            raise ConfigError(f"--max_new_tokens {gen.max_new_tokens}: the model reads at most {context} tokens, "
+                              f"prompt and answer together; give at most {context - PROMPT_ROOM_MIN}")
+        return context - gen.max_new_tokens
+
+    def prompt_ids(self, prompts: list[str], gen: GenerationArgs) -> list[list[int]]:
+        """Token ids of `prompts`, each cut to leave room for `gen.max_new_tokens` in the model's context: the oldest
+        tokens go (the earliest turns of a long conversation, the start of a huge text), the end (the question and
+        the answer cue) stays, with a warning. A prompt past the context would be read by a model that was never
+        trained there, and a megabyte of text would take hours to read. `max_new_tokens` itself must leave room."""
+        ids = self.tokenizer(prompts, add_special_tokens=self.template.add_special_tokens)["input_ids"]
+        room = self.prompt_room(gen)
+        if room is None:
+            return ids
+        too_long = [i for i, row in enumerate(ids) if len(row) > room]
+        if too_long:
+            logger.warning("%d prompt(s) longer than the %d tokens the context leaves beside %d new tokens (the "
+                           "longest: %d): their oldest tokens were left out", len(too_long), room,
+                           gen.max_new_tokens, max(len(ids[i]) for i in too_long))
+        bos = self.tokenizer.bos_token_id if self.template.add_special_tokens else None
+        for i in too_long:  # a BOS the tokenizer put first stays first
+            ids[i] = [bos, *ids[i][len(ids[i]) - room + 1:]] if ids[i][0] == bos else ids[i][len(ids[i]) - room:]
+        return ids
+
+    def _encode(self, prompts: list[str], gen: GenerationArgs):
+        return self.tokenizer.pad({"input_ids": self.prompt_ids(prompts, gen)}, padding=True,
+                                  return_tensors="pt").to(self.device)
 
     def _generate_kwargs(self, gen: GenerationArgs, prompt_width: int) -> dict:
         """generate()'s arguments for prompts left-padded to `prompt_width` tokens."""
@@ -181,7 +228,7 @@ class Generator:
         a progress bar (stderr) counting answers."""
         from tqdm.auto import tqdm
 
-        ids = self.tokenizer(prompts, add_special_tokens=self.template.add_special_tokens)["input_ids"]
+        ids = self.prompt_ids(prompts, gen)
         order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
         answers: list[Answer | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), unit="answer", disable=not progress or len(prompts) <= batch_size) as bar:
@@ -219,7 +266,7 @@ class Generator:
         return RefillLoop(self.model, self.eos_ids, pad, max_rows, stop)
 
     def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
-        encoded = self._encode(prompts)
+        encoded = self._encode(prompts, gen)
         started = time.perf_counter()
         output = self.model.generate(**encoded, **self._generate_kwargs(gen, encoded["input_ids"].shape[1]))
         seconds = (time.perf_counter() - started) / len(prompts)
@@ -252,7 +299,7 @@ class Generator:
 
         stop_event = stop_event or threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        encoded = self._encode([prompt])
+        encoded = self._encode([prompt], gen)
         kwargs = dict(**encoded, **self._generate_kwargs(gen, encoded["input_ids"].shape[1]), streamer=streamer)
         kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), StopOnEvent(stop_event)])
         errors = []

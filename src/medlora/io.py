@@ -87,6 +87,8 @@ def check_output_folder(flag: str, path: str | Path) -> None:
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
     existing = path
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail with FileExistsError after all the work
+            raise ConfigError(f"{flag} {path}: {existing} is a link to {os.readlink(existing)}, which does not exist")
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
@@ -95,6 +97,67 @@ def check_output_folder(flag: str, path: str | Path) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+def check_not_inside_inputs(flag: str, path: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an output that is one of the inputs or lies inside an input folder: a folder read as a whole would take
+    in the outputs on the next run (infer writing into its own --instruct_dir, then finetune training on them)."""
+    out = Path(path).resolve()
+    for input_flag, source in inputs.items():
+        if not source or not Path(source).exists():
+            continue  # a hub name, or nothing given
+        source_path = Path(source).resolve()
+        if out == source_path or (source_path.is_dir() and source_path in out.parents):
+            raise ConfigError(f"{flag} {path}: lies inside the input {input_flag} {source}; write the outputs "
+                              f"elsewhere")
+
+
+_claims: dict[Path, int] = {}  # lock file -> its open descriptor, for the outputs this command writes
+
+
+def claim_output(flag: str, path: str | Path, inputs: dict[str, str | None] | None = None,
+                 folder: bool = True) -> None:
+    """The one preflight of an output (a folder, or a file when `folder` is false): writable, not an input, and not
+    being written by another medlora process. The claim (an exclusive lock keyed on the resolved path, in a
+    per-user folder under the system's temporary folder, so that nothing is left in the user's folders) is held
+    until `release_outputs` (the CLI calls it when the command ends) or the process exits."""
+    check_output_folder(flag, path if folder else Path(path).parent)
+    check_not_inside_inputs(flag, path, inputs or {})
+    if env_int("RANK", 0, 0, 1 << 20) != 0:
+        return  # the ranks of one distributed run share the output; rank 0 holds the claim for them
+    import fcntl
+    import hashlib
+
+    locks = Path(tempfile.gettempdir()) / f"medlora-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    resolved = Path(path).resolve()
+    lock = locks / (hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"{flag} {path}: another medlora process (pid {holder}) is writing there; wait for it "
+                              f"or choose another output") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # not the file of a claim released (and unlinked) between our open and our lock
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _claims[lock] = fd
+
+
+def release_outputs() -> None:
+    """Give up every claim of this process (unlinked first, so that a waiting claimant re-checks the file)."""
+    while _claims:
+        lock, fd = _claims.popitem()
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def read_json_object(path: str | Path, error: type = ConfigError, what: str = "a JSON object") -> dict:

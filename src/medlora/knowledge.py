@@ -62,8 +62,9 @@ class KnowledgeIndex:
         # normalised form -> (why, [diseases]); an entry's own name and aliases first, then usage words, which never
         # take a form from an entry; `not` words link to nothing (their diseases list is empty)
         self._names: dict[str, tuple[str, list[str]]] = {}
-        for d in diseases:
-            self._names.setdefault(normalise(d["name"]), ("name", [d["name"]]))
+        for d in diseases:  # a form normalised to "" would match every text: the files' checks refuse one
+            if normalise(d["name"]):
+                self._names.setdefault(normalise(d["name"]), ("name", [d["name"]]))
         for d in diseases:
             for alias in d.get("aliases", []):
                 if normalise(alias):
@@ -501,6 +502,8 @@ def read_knowledge_file(path: str | Path) -> list[dict]:
 
 
 def _knowledge_record(row, where: str) -> dict:
+    from medlora.kb import check_entry_text
+
     if not isinstance(row, dict):
         raise DataError(f"{where}: a knowledge record must be an object, got {type(row).__name__}")
     name = row.get("name")
@@ -518,6 +521,7 @@ def _knowledge_record(row, where: str) -> dict:
             record[key] = [x.strip() for x in value]
         else:
             raise DataError(f"{where}: field {key!r} must be a non-empty list of strings")
+    check_entry_text(record, where)
     return record
 
 

@@ -131,20 +131,32 @@ def convert(model_dir: Path, out_file: Path, outtype: str, metadata: dict[str, s
 
     Returns the converter's log; raises RuntimeError with its last error line on failure."""
     folder = converter_dir().resolve()  # the child runs there
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as handle:
-        json.dump(metadata, handle, ensure_ascii=False)
+    # beside the output (the caller's staging folder), so that whatever ends the export removes it with the rest
+    metadata_json = out_file.resolve().with_name(out_file.name + ".metadata.json")
+    metadata_json.write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
     cmd = [sys.executable, "-m", "medlora.llamacpp", "convert", "--converter", str(folder), "--metadata_json",
-           handle.name, "--", str(model_dir.resolve()), "--outfile", str(out_file.resolve()), "--outtype", outtype,
-           "--model-name", model_name]
+           str(metadata_json), "--", str(model_dir.resolve()), "--outfile", str(out_file.resolve()),
+           "--outtype", outtype, "--model-name", model_name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": _medlora_path()}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
+    try:  # on an exception (Ctrl-C, SIGTERM made one by the CLI) subprocess.run kills the child before re-raising
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder, preexec_fn=die_with_parent)
     finally:
-        os.unlink(handle.name)
+        metadata_json.unlink(missing_ok=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 or not out_file.is_file():
         raise RuntimeError(_last_error(log) or f"the converter exited {proc.returncode}")
     return log
+
+
+def die_with_parent() -> None:
+    """In the child, before it runs: ask Linux to send it SIGTERM when its parent dies, even by SIGKILL (which runs
+    no clean-up), so that no converter is left working for nobody. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _medlora_path() -> str:

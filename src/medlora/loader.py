@@ -1,5 +1,5 @@
-"""The one loader of every command that runs a trained model: preflight → knowledge → tokenizer → template →
-base → adapters.
+"""The one loader of every command that runs a trained model: records (medlora.json, checked by
+modeling.RECORD_SCHEMA) → preflight → knowledge → tokenizer → template → base → adapters.
 
 `load(ModelArgs, adapters)` returns the model with its adapters, the tokenizer, and for the base and each adapter
 (by name) the template, system text and knowledge its prompts use. What the caller does not name comes from the
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medlora.config import ModelArgs
-from medlora.modeling import (MEDLORA_META, load_adapter, load_base_model, load_tokenizer, preflight_adapter,
-                              read_adapter_meta)
+from medlora.modeling import load_adapter, load_base_model, load_tokenizer, preflight_adapter, read_adapter_meta
 from medlora.templates import KNOWLEDGE_TEMPLATE, Template, load_template
 
 if TYPE_CHECKING:
@@ -25,8 +23,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _recorded(folder) -> dict:
-    return read_adapter_meta(folder) if folder and Path(folder, MEDLORA_META).is_file() else {}
+def read_record(folder) -> dict:
+    """The checked medlora.json of an adapter or merged model folder ({} where there is none or no folder)."""
+    return read_adapter_meta(folder) if folder else {}
 
 
 def template_for(prompt_template: str | None, *folders, knowledge: bool = False, system: str | None = None
@@ -37,7 +36,7 @@ def template_for(prompt_template: str | None, *folders, knowledge: bool = False,
     if prompt_template:
         template = load_template(prompt_template)
     for folder in folders:
-        recorded = _recorded(folder)
+        recorded = read_record(folder)
         if template is None and recorded.get("template"):
             template = load_template(recorded["template"])
         if system is None and isinstance(recorded.get("system"), str):
@@ -49,7 +48,7 @@ def template_for(prompt_template: str | None, *folders, knowledge: bool = False,
 
 def recorded_knowledge(folder) -> str | None:
     """The knowledge source an adapter's/merged model's medlora.json records (None: trained without)."""
-    recorded = _recorded(folder).get("knowledge")
+    recorded = read_record(folder).get("knowledge")
     return recorded["source"] if recorded else None
 
 
@@ -62,7 +61,7 @@ def knowledge_for(spec: str | None, *folders) -> "KnowledgeIndex | None":
     if spec:
         return None if spec == "none" else KnowledgeIndex.load(spec)
     for folder in folders:
-        recorded = _recorded(folder).get("knowledge")
+        recorded = read_record(folder).get("knowledge")
         if recorded:
             index = KnowledgeIndex.load(recorded["source"])
             if recorded.get("sha256") not in (None, index.sha256):
@@ -94,6 +93,8 @@ def load(margs: ModelArgs, adapters: dict[str, str] | None = None, prompt_templa
     before any weights load."""
     adapters = dict(adapters or {})
     base = margs.base_model
+    for folder in (base, *adapters.values()):  # before anything reads a field of them (the base check below does)
+        read_record(folder)
     for path in adapters.values():
         preflight_adapter(path, base, margs.allow_pickle, margs.trust_remote_code)
     folders = {base: [base], **{name: [path, base] for name, path in adapters.items()}}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medlora.errors import ConfigError, ModelError
+from medlora.errors import ConfigError, MedloraError, ModelError
 from medlora.io import env_int
 
 logger = logging.getLogger(__name__)
@@ -282,13 +282,58 @@ def check_target_modules(model, targets) -> None:
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
-    """medlora.json of an adapter (template, base model, training arguments), or {} for foreign adapters."""
+    """medlora.json of an adapter or merged model (template, base model, training arguments), every field that is
+    read back checked by RECORD_SCHEMA; {} for foreign adapters. The one reader of medlora.json."""
     from medlora.io import read_json_object
 
     path = Path(adapter_dir) / MEDLORA_META
     if not path.is_file():
         return {}
-    return read_json_object(path, ModelError, "a JSON object (medlora's record of the adapter)")
+    return check_record(path, read_json_object(path, ModelError, "a JSON object (medlora's record of the adapter)"))
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _is_config_value(value) -> bool:  # some architectures give a size per layer (Gemma 3n's intermediate_size)
+    return _is_scalar(value) or isinstance(value, list) and all(map(_is_scalar, value))
+
+
+# The fields of medlora.json that are read back (train, prefer and merge write them; other fields are a record for
+# people): field -> (what it must be, its check). null means "not recorded", as an absent field does.
+RECORD_SCHEMA = {
+    "base_model": ("a string", lambda v: isinstance(v, str)),
+    "base_fingerprint": ("an object of the base model's config values (strings, numbers, lists of them)",
+                         lambda v: isinstance(v, dict) and all(map(_is_config_value, v.values()))),
+    "template": ("an object (a prompt template's fields)", lambda v: isinstance(v, dict)),
+    "system": ("a string", lambda v: isinstance(v, str)),
+    "knowledge": ("an object with a non-empty string 'source' and a string 'sha256'",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("source"), str) and v["source"].strip() != ""
+                  and isinstance(v.get("sha256", ""), (str, type(None)))),
+    "merged_from": ("an object of strings", lambda v: isinstance(v, dict) and all(map(_is_scalar, v.values()))),
+}
+
+
+def check_record(path, meta: dict) -> dict:
+    """`meta` (medlora.json at `path`) if every field that is read back has its type, its template included (as a
+    template file's fields are checked); else one ModelError line naming the file and the first bad field."""
+    for key, (expected, ok) in RECORD_SCHEMA.items():
+        if meta.get(key) is not None and not ok(meta[key]):
+            raise ModelError(f"{path}: field {key!r} must be {expected}, got {_shown(meta[key])}")
+    if meta.get("template") is not None:
+        from medlora.templates import load_template
+
+        try:
+            load_template(meta["template"], where=f"{path}: field 'template'")
+        except MedloraError as exc:
+            raise ModelError(str(exc)[:300]) from None
+    return meta
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Path:

@@ -24,7 +24,6 @@ from transformers import set_seed
 from medlora.config import DataArgs, LoraArgs, ModelArgs, PreferenceArgs, TrainArgs, asdict
 from medlora.data import load_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
-from medlora.io import data_file_hashes
 from medlora.loader import knowledge_for, recorded_knowledge, template_for
 from medlora.modeling import (attach_lora, check_compile_toolchain, compiled_layers, load_adapter, load_base_model,
                               load_tokenizer, preflight_adapter, resolve_dtype)
@@ -46,10 +45,11 @@ def check_trl():
     return trl
 
 
-def pair_records(data: DataArgs, knowledge, template) -> list[dict]:
+def pair_records(data: DataArgs, knowledge, template, hashes: dict) -> list[dict]:
     """The pairs of --data_path, each with the facts its prompt shows: the pair's own `knowledge` text when it has
-    one (pairs built by `medlora data pairs` record what the answers were sampled with), else those retrieved for it."""
-    records = load_records(data.data_path, pairs=True)
+    one (pairs built by `medlora data pairs` record what the answers were sampled with), else those retrieved for it.
+    `hashes` gets the sha256 of each file read."""
+    records = load_records(data.data_path, pairs=True, hashes=hashes)
     if knowledge is None or not template.has_knowledge_slot:
         return [{**r, "knowledge": None} for r in records]
     def facts(r: dict) -> str:
@@ -148,14 +148,16 @@ def prefer(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArg
                                     echo if is_main_process() else (lambda *_: None))
     tokenizer = load_tokenizer(model_args.base_model, padding_side="right",
                                trust_remote_code=model_args.trust_remote_code)
-    train_examples, stats = tokenize_pairs(pair_records(data, knowledge, template), template, tokenizer,
+    read = {}  # {file: sha256 of what was read}
+    train_examples, stats = tokenize_pairs(pair_records(data, knowledge, template, read), template, tokenizer,
                                            data.cutoff_len)
     if not train_examples:
         raise MedloraError(f"{data.data_path}: no pair left after tokenisation ({stats.summary()})")
     val_examples = []
     if data.val_data_path:
         val_examples, _ = tokenize_pairs(pair_records(DataArgs(**{**asdict(data), "data_path": data.val_data_path}),
-                                                      knowledge, template), template, tokenizer, data.cutoff_len)
+                                                      knowledge, template, read), template, tokenizer,
+                                         data.cutoff_len)
     if is_main_process():
         echo(f"[medlora] {data.data_path}: {stats.summary().replace('records', 'pairs', 1)}; {len(train_examples)} "
              f"pairs for {pref.stage}" + (f", {len(val_examples)} for validation" if val_examples else ""))
@@ -195,11 +197,10 @@ def prefer(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArg
     if REFERENCE in model.peft_config:
         model.delete_adapter(REFERENCE)
     if trainer.is_world_process_zero():
-        meta = adapter_metadata(model_args, data, lora, args, template, model)
+        meta = adapter_metadata(model_args, data, lora, args, template, model, read)
         if knowledge is not None:
             meta["knowledge"] = {"source": source, "sha256": knowledge.sha256}
-        meta["preference"] = {**asdict(pref), "pairs_sha256": data_file_hashes(data.data_path, data.val_data_path),
-                              "reference": "the starting adapter (frozen copy)" if start else "the base model"}
+        meta["preference"] = {**asdict(pref), "reference": "the starting adapter (frozen copy)" if start else "the base model"}
         last = {key: value for h in history for key, value in h.items() if key.startswith(("rewards/", "logps/"))}
         meta["result"] = {"train_loss": losses[-1] if losses else None,
                           "eval_loss": eval_losses[-1] if eval_losses else None, "wall_seconds": round(wall, 2),

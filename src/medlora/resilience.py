@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from medlora.errors import ConfigError
+from medlora.errors import ConfigError, TrainingError
 from medlora.io import manifest_ok, write_manifest
 
 COMPLETE_MARKER = ".medlora-complete"
@@ -35,6 +35,7 @@ class CheckpointMarkerCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                check_written(folder, "checkpoint")
                 write_manifest(folder, COMPLETE_MARKER, step=state.global_step)
         return control
 
@@ -119,6 +120,21 @@ def find_resume_checkpoint(output_dir: str, spec: str, echo=print) -> str | None
         return str(path)
     echo(f"[medlora] no complete checkpoint in {output_dir}: starting from scratch")
     return None
+
+
+def check_written(folder: Path, what: str) -> None:
+    """Refuse to vouch for a folder just written whose JSON files do not parse or whose weights cannot be read: a
+    full disk can cut a file short without an error (a writer that ignores the failure of its last flush), and a
+    marker or a rename must not make that file trusted."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise TrainingError(f"the {what} in {folder} was not written completely ({path.name} is cut short: is "
+                                f"the disk full?); it was not kept as complete") from None
+    damage = unreadable_weights(folder)
+    if damage:
+        raise TrainingError(f"the {what} in {folder} was not written completely ({damage}: is the disk full?); it was not kept as complete")
 
 
 def unreadable_weights(checkpoint: Path) -> str | None:

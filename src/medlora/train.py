@@ -25,12 +25,13 @@ from medlora.config import (GENERATION_CONFIG, RECOMMENDED_DECODING, DataArgs, L
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
-from medlora.io import (atomic_write_text, data_file_hashes, env_int, remove_stale_staging, replace_folder_contents,
+from medlora.io import (atomic_write_text, env_int, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
 from medlora.modeling import (MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
                               load_base_model, load_tokenizer, model_fingerprint, preflight_target_modules,
                               resolve_dtype)
-from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint, resume_epoch
+from medlora.resilience import (CheckpointMarkerCallback, GracefulStopCallback, check_written, find_resume_checkpoint,
+                               resume_epoch)
 from medlora.templates import load_template
 from medlora.tokenize import TokenizeStats, tokenize_records
 
@@ -137,10 +138,12 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
 
     template = load_template(data.template_name)
     template.system = data.system
-    records = load_records(data.data_path, columns=data.columns or None, data_format=data.data_format)
+    read = {}  # {file: sha256 of what was read}, recorded in the adapter's medlora.json
+    records = load_records(data.data_path, columns=data.columns or None, data_format=data.data_format, hashes=read)
     train_records, val_records = split_records(records, data.val_set_size, seed) if data.val_set_size else (records, [])
     if data.val_data_path:
-        val_records = load_records(data.val_data_path, columns=data.columns or None, data_format=data.data_format)
+        val_records = load_records(data.val_data_path, columns=data.columns or None, data_format=data.data_format,
+                                   hashes=read)
     if knowledge is not None:
         from medlora.databuild.noise import knowledge_for_training
 
@@ -155,6 +158,7 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
     if not train_examples:
         raise MedloraError(f"{data.data_path}: no training example left after tokenisation ({stats.summary()})")
     val_examples, _ = tokenize_records(val_records, **tokenize) if val_records else ([], None)
+    stats.data_sha256 = read
     train_ds = Dataset.from_list(train_examples)
     val_ds = Dataset.from_list(val_examples) if val_examples else None
     return template, train_ds, val_ds, stats
@@ -345,7 +349,8 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
-def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, template, model) -> dict:
+def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, template, model,
+                     data_sha256: dict) -> dict:
     return {
         "medlora_version": __version__,
         "base_model": model_args.base_model,
@@ -354,7 +359,7 @@ def adapter_metadata(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args
         "system": template.system,
         "model_args": asdict(model_args),
         "data_args": asdict(data),
-        "data_sha256": data_file_hashes(data.data_path, data.val_data_path),
+        "data_sha256": data_sha256,
         "lora_args": asdict(lora),
         "train_args": asdict(args),
     }
@@ -382,6 +387,7 @@ def save_adapter(model, tokenizer, out_dir: str | Path, meta: dict, save_bin: bo
         tokenizer.save_pretrained(staging)
         atomic_write_text(Path(staging) / GENERATION_CONFIG, json.dumps(RECOMMENDED_DECODING, indent=2) + "\n")
         atomic_write_text(Path(staging) / MEDLORA_META, json.dumps(meta, ensure_ascii=False, indent=2))
+        check_written(Path(staging), "adapter")
         replace_folder_contents(Path(staging), out_dir, last="adapter_config.json")
     return out_dir
 
@@ -439,7 +445,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model_wrapped)} if sharded else {}
     if trainer.is_world_process_zero():
-        meta = adapter_metadata(model_args, data, lora, args, template, model)
+        meta = adapter_metadata(model_args, data, lora, args, template, model, stats.data_sha256)
         if knowledge is not None:
             meta["knowledge"] = {"source": data.knowledge, "sha256": knowledge.sha256}
         meta["result"] = {"train_loss": train_losses[-1] if train_losses else None,

@@ -14,8 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medlora.chat import chat_loop
+    from medlora.chat import chat_loop, check_streamable
 
     adapter = adapter_path(args)
-    chat_loop(load_generator(args, adapter), generation_args(args, adapter))
+    gen = generation_args(args, adapter)
+    check_streamable(gen)  # before minutes of model loading
+    chat_loop(load_generator(args, adapter), gen)
     return 0

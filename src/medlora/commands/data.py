@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from medlora.config import PairArgs, add_dataclass_args, build_dataclass
-from medlora.io import check_output_folder
+from medlora.io import claim_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from medlora.databuild import build_dataset
     from medlora.databuild.conversations import build_chat_dataset
 
-    check_output_folder("--out", args.out)
+    claim_output("--out", args.out, {"--kb": args.kb})
     build = build_chat_dataset if args.action == "chat" else build_dataset
     counts = build(args.out, seed=args.seed, kb_path=args.kb, source=args.source)
     print("[medlora] " + ", ".join(f"{split}: {n} records" for split, n in counts.items()) + f" in {args.out}")
@@ -57,6 +57,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         raise ConfigError(f"--counts: unknown kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; give a file name (e.g. {args.out}/pairs.jsonl)")
+    claim_output("--out", args.out, {"--lora_weights": args.lora_weights}, folder=False)
     preflight_adapter(args.lora_weights, args.base_model)
     counts = build_pairs(args.lora_weights, args.out, args.base_model, settings)
     print("[medlora] pairs: " + ", ".join(f"{kind} {c['pairs']}/{c['prompts']}" for kind, c in counts.items())

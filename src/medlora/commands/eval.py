@@ -13,7 +13,7 @@ from medlora.commands._common import (add_adapters_argument, add_generation_argu
                                       read_records)
 from medlora.config import ModelArgs, add_dataclass_args, str2bool
 from medlora.errors import ConfigError
-from medlora.io import check_output_folder
+from medlora.io import claim_output
 
 BASE_LABEL = "base"
 BASE_KNOWLEDGE_LABEL = "base+knowledge"
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 0 or args.show < 0 or args.batch_size < 1:
         raise ConfigError("--limit and --show must be ≥ 0 and --batch_size ≥ 1")
-    check_output_folder("--out", args.out)
+    claim_output("--out", args.out, {"--data": args.data})
     models, result_files = model_specs(args)
     if args.train_dir:
         read_loss_log(args.train_dir)  # fail before generating, not after

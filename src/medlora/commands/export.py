@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medlora.gguf_export import export_gguf
+    from medlora.io import claim_output
 
+    claim_output("--out", args.out, {"--base_model": args.base_model, "--lora_weights": args.lora_weights},
+                 folder=False)
     report = export_gguf(args.base_model, args.out, args.lora_weights, args.outtype, args.overwrite,
                          args.prompt_template, trust_remote_code=args.trust_remote_code,
                          allow_pickle=args.allow_pickle)

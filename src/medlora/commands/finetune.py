@@ -10,6 +10,7 @@ from pathlib import Path
 from medlora.config import (DataArgs, LoraArgs, ModelArgs, PreferenceArgs, TrainArgs, add_dataclass_args,
                             build_dataclass, option_kinds, read_recipe)
 from medlora.errors import ConfigError
+from medlora.io import claim_output
 
 OPTION_CLASSES = (ModelArgs, DataArgs, LoraArgs, TrainArgs, PreferenceArgs)
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from medlora.train import finetune, is_main_process
 
     model, data, lora, train, pref = build_options(resolve_options(args))
+    claim_output("--output_dir", train.output_dir, {"--data_path": data.data_path,
+                                                    "--val_data_path": data.val_data_path})
     if pref.stage == "sft":
         result = finetune(model, data, lora, train)
     else:

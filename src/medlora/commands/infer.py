@@ -10,7 +10,7 @@ from medlora.commands._common import (adapter_path, add_generation_arguments, ad
                                       add_records_arguments, generation_args, load_generator, positive_int,
                                       read_records)
 from medlora.config import str2bool
-from medlora.io import check_output_folder
+from medlora.io import claim_output
 
 RESULTS = "results.jsonl"
 
@@ -53,10 +53,9 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
     """results.jsonl rows: the record (its labels such as `kind` too), its golden and model output, timing, and
     with knowledge on, the entries retrieved for it."""
     from medlora.data import META_FIELDS
+    from medlora.turns import Turn
 
-    found = [generator.lookup(r["instruction"], r["input"], r.get("history", ())) for r in records]
-    prompts = [generator.build_prompt(r["instruction"], r["input"], r.get("history", ()), f, r.get("system"))
-               for r, f in zip(records, found)]
+    prompts, found = zip(*(generator.prepare(Turn.of(r)) for r in records)) if records else ((), ())
     answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)
     return [
         {"instruction": r["instruction"], "input": r["input"], "golden": r["output"], "output": a.text,
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     gen = generation_args(args, adapter_path(args))
     if args.model_output_dir:
-        check_output_folder("--model_output_dir", args.model_output_dir)
+        claim_output("--model_output_dir", args.model_output_dir, {"--instruct_dir": args.instruct_dir})
     records = read_records(args, args.instruct_dir, require_output=False) if args.instruct_dir else None
     generator = load_generator(args, adapter_path(args))
     if records is None:

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medlora.export import merge_adapter
+    from medlora.io import claim_output
 
+    claim_output("--out", args.out, {"--base_model": args.base_model, "--lora_weights": args.lora_weights})
     report = merge_adapter(args.base_model, args.lora_weights, args.out, args.dtype,
                            trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     print(f"[medlora] {report.summary()}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from medlora.errors import DataError
-from medlora.vocab import CHAPTERS
+from medlora.vocab import CHAPTERS, normalise
 
 KB_DIR = Path(__file__).parent
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader when libyaml is there (same result)
@@ -17,7 +17,26 @@ STRING_FIELDS = ("name", "icd10_chapter", "department")
 REQUIRED_LISTS = ("causes", "symptoms", "examinations", "treatments")
 OPTIONAL_LISTS = ("transmission", "drugs", "complications", "prevention", "high_risk_groups", "aliases")
 KNOWN_KEYS = set(STRING_FIELDS) | set(REQUIRED_LISTS) | set(OPTIONAL_LISTS)
+LINKING_FIELDS = ("name", "aliases")  # the words a question is linked to an entry by
 
+
+def check_entry_text(entry: dict, where: str) -> None:
+    """What the strings of a knowledge entry must be, whichever file gave it (the curated YAML, a user's JSONL or
+    YAML): text, and linking words that keep a letter once normalised. A lone surrogate (JSON's or YAML's `\\ud800`
+    without its pair) loads and trains, then fails the adapter's save; a name or alias of punctuation only normalises
+    to "" and would link every question to the entry. `entry` maps a field to a string or a list of strings."""
+    from medlora.data import _check_encodable  # the data records' rule for the same broken text
+
+    for key, value in entry.items():
+        for text in [value] if isinstance(value, str) else value:
+            if not text.isascii():
+                _check_encodable(text, f"{where}: field {key!r}")
+    for key in LINKING_FIELDS:
+        value = entry.get(key, [])
+        for text in [value] if isinstance(value, str) else value:
+            if not normalise(text):
+                raise DataError(f"{where}: field {key!r}: {text[:40]!r} is only punctuation and spaces, which would "
+                                f"match every question; give a word")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -44,7 +63,9 @@ def _validate(entry, index: int, fname: str) -> dict:
     if not isinstance(entry, dict):
         raise DataError(f"{fname}: disease #{index}: must be a mapping of fields, got {type(entry).__name__}")
     name = entry.get("name")
-    label = f"disease '{name}'" if isinstance(name, str) and name.strip() else f"disease #{index}"
+    # a name that cannot be shown on one line (a lone surrogate, a line break) is named by its number
+    shown = isinstance(name, str) and name.strip() and name.isprintable()
+    label = f"disease '{name}'" if shown else f"disease #{index}"
     where = f"{fname}: {label}"
     for key in entry:
         if key not in KNOWN_KEYS:
@@ -63,6 +84,7 @@ def _validate(entry, index: int, fname: str) -> dict:
     for key in (*REQUIRED_LISTS, *OPTIONAL_LISTS):
         if key in entry and not _is_string_list(entry[key]):
             raise DataError(f"{where}: field '{key}' must be a non-empty list of strings")
+    check_entry_text(entry, where)
     disease = {key: entry[key].strip() for key in STRING_FIELDS}
     for key in (*REQUIRED_LISTS, *OPTIONAL_LISTS):
         if key in entry:

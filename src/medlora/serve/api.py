@@ -24,11 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medlora.config import GenerationArgs
 from medlora.errors import MedloraError
-from medlora.serve.engine import APIError, Engine, GenerationRequest, Output, ServeSettings, TextStream
-from medlora.serve.schemas import (ERROR_RESPONSES, MAX_STOP_STRINGS, AssistantMessage, ChatChoice, ChatChunkChoice,
-                                   ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta,
-                                   Completion, CompletionChoice, CompletionRequest, Health, ModelCard, ModelList,
-                                   Usage, SamplingFields)
+from medlora.serve.engine import (APIError, Engine, GenerationRequest, Output, ServeSettings, TextStream,
+                                  required_text)
+from medlora.serve.schemas import (ERROR_RESPONSES, MAX_STOP_STRINGS, NOT_HONOURED, AssistantMessage, ChatChoice,
+                                   ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                                   ChatDelta, Completion, CompletionChoice, CompletionRequest, Health, ModelCard,
+                                   ModelList, Usage, SamplingFields)
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,23 @@ PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc",
 
 # --- from a request to a GenerationRequest -----------------------------------------------------------------
 
+def refuse_not_honoured(body: SamplingFields) -> None:
+    """A 400 naming the first field that asks for what this server does not do (schemas.NOT_HONOURED)."""
+    for name, accepted in NOT_HONOURED.items():
+        value = getattr(body, name, None)  # each endpoint declares only its own
+        if value not in accepted:
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 40 else shown[:39] + "…"
+            raise APIError(400, f"{name}={shown} is not supported by this server; leave {name} out", param=name,
+                           code="unsupported_value")
+
+
 def generation_args(body: SamplingFields, settings: ServeSettings) -> GenerationArgs:
-    """Greedy unless temperature > 0; max_tokens within [1, cap]; n must be 1."""
+    """Greedy unless temperature > 0; max_tokens within [1, cap]."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:
         raise APIError(400, f"max_tokens is {max_tokens}, over this server's cap of {settings.max_tokens_cap}",
                        param="max_tokens", code="max_tokens_exceeded")
-    if body.n not in (None, 1):
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
     penalties = {"frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0}
     if not body.temperature:
         return GenerationArgs(max_new_tokens=max_tokens, **penalties)
@@ -62,8 +72,6 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 def check_prompt_length(prompt_tokens: int, max_tokens: int, settings: ServeSettings, context: int | None,
                         param: str) -> None:
-    if prompt_tokens == 0:
-        raise APIError(400, "the prompt is empty", param=param, code="empty_prompt")
     if prompt_tokens > settings.max_prompt_tokens:
         raise APIError(400, f"the prompt has {prompt_tokens} tokens, over this server's limit of "
                             f"{settings.max_prompt_tokens}", param=param, code="context_length_exceeded")
@@ -73,12 +81,10 @@ def check_prompt_length(prompt_tokens: int, max_tokens: int, settings: ServeSett
 
 
 def completion_prompt(prompt: str | list[str]) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) != 1:
+    if not isinstance(prompt, str) and len(prompt) != 1:
         raise APIError(400, "prompt must be one string (batches of prompts are not supported)", param="prompt",
                        code="unsupported_value")
-    return prompt[0]
+    return required_text(prompt if isinstance(prompt, str) else prompt[0], "the prompt", "prompt")
 
 
 def usage(prompt_tokens: int, output: Output) -> Usage:
@@ -329,8 +335,10 @@ def _add_generation_routes(app: FastAPI, engine: Engine, settings: ServeSettings
     async def prepare(body: SamplingFields, build_prompt: Callable[[str], tuple], param: str):
         """The queued request, its prompt's token count, whether usage is streamed, and the knowledge found."""
         name = engine.resolve(body.model)
+        refuse_not_honoured(body)
         gen = generation_args(body, settings)
         stops = stop_strings(body.stop)
+        seed = body.seed if gen.do_sample else None  # a greedy answer is reproducible without one: batch it
 
         def prompt_and_count():  # tokenising a long prompt (and retrieval) is CPU work: off the event loop
             prompt, found = build_prompt(name)
@@ -340,7 +348,7 @@ def _add_generation_routes(app: FastAPI, engine: Engine, settings: ServeSettings
         check_prompt_length(prompt_tokens, gen.max_new_tokens, settings, engine.context_length, param)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         knowledge = found.to_dict() if found is not None else None
-        return GenerationRequest(name, prompt, gen, stops), prompt_tokens, include_usage, knowledge
+        return GenerationRequest(name, prompt, gen, stops, seed), prompt_tokens, include_usage, knowledge
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
               dependencies=bearer, tags=["openai"],

@@ -6,8 +6,9 @@ the model of the oldest request takes the queued requests for that model, up to 
 each with its own settings, and gives a row's place to the next request as soon as its answer ends; it stops
 taking more once a request for another model has waited `switch_after` seconds. Streamed answers
 are rows like the others; their tokens become text events on a thread of their own. A client that goes away sets
-its cancel event, which ends its row at the next step. Also here: turning chat messages into a prompt, and the
-errors and bounds the HTTP layer (`medlora.serve.api`) answers with.
+its cancel event, which ends its row at the next step. When a batch fails, each of its requests is answered again
+on its own, so that only a request that fails alone gets the error. Also here: turning chat messages into a
+prompt, and the errors and bounds the HTTP layer (`medlora.serve.api`) answers with.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
 from medlora.generate import Generator
 from medlora.templates import Template, cut_at
+from medlora.turns import Turn
 
 if TYPE_CHECKING:
     from medlora.knowledge import Retrieved
@@ -82,12 +84,14 @@ class ServeSettings:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to answer with one model; `stop` strings end the answer (they are not part of it)."""
+    """One prompt to answer with one model; `stop` strings end the answer (they are not part of it). A `seed` (given
+    only when sampling) makes the answer reproducible: the request is answered alone, as its loop's only row."""
 
     model: str
     prompt: str
     gen: GenerationArgs
     stop: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 @dataclass
@@ -104,17 +108,24 @@ class _Job:
     stream: bool
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
+    ids: list[int] | None = None  # the prompt's tokens, once taken
+    tokens: list[int] = dataclasses.field(default_factory=list)  # the answer's tokens so far
 
     _streamer: TextIteratorStreamer | None = None
     _reason: str = "stop"
     _n_tokens: int = 0
     _failed: bool = False
 
-    def start_stream(self, generator: Generator) -> Callable[[int], None]:
-        """Start the thread that turns this job's tokens into text events; returns what takes each new token."""
-        self._streamer = streamer = TextIteratorStreamer(generator.tokenizer, skip_special_tokens=True)
+    def start_stream(self, generator: Generator) -> None:
+        """Start the thread that turns this job's tokens into text events."""
+        self._streamer = TextIteratorStreamer(generator.tokenizer, skip_special_tokens=True)
         threading.Thread(target=self._emit_pieces, args=(generator,), daemon=True).start()
-        return lambda token: streamer.put(torch.tensor([token]))
+
+    def add_token(self, token: int) -> None:
+        """Each new token of the answer: kept (a failed batch's retry resumes from them) and streamed."""
+        self.tokens.append(token)
+        if self._streamer is not None:
+            self._streamer.put(torch.tensor([token]))
 
     def _emit_pieces(self, generator: Generator) -> None:
         pieces = []
@@ -126,7 +137,7 @@ class _Job:
             self.emit("done", Output("".join(pieces), self._n_tokens, reason))
 
     def end_stream(self, done: Finished) -> None:
-        self._reason, self._n_tokens = done.reason, len(done.tokens)  # read by the text thread once the stream ends
+        self._reason, self._n_tokens = done.reason, len(self.tokens)  # read by the text thread once the stream ends
         self._streamer.end()
 
     def fail(self, exc: Exception) -> None:
@@ -207,9 +218,8 @@ class Engine:
         knowledge)."""
         generator = self.generators[name]
         system, last_user, history = split_conversation(messages)
-        found = generator.lookup(last_user, history=history)
         with self._text_lock:
-            return generator.build_prompt(last_user, history=history, retrieved=found, system=system), found
+            return generator.prepare(Turn(last_user, history=tuple(history), system=system))
 
     def count_tokens(self, name: str, text: str) -> int:
         special = self.generators[name].template.add_special_tokens
@@ -275,15 +285,36 @@ class Engine:
         oldest request's model (adapters switch between loops only)."""
         while (name := self._next_model()) is not None:
             try:
-                with self._use_model(name):
-                    self.generators[name].refill_loop(self.max_batch_size).run(
-                        lambda n: self._take(name, n), self._finish)
-                self.generate_calls += 1
-            except Exception as exc:  # every failure goes to its requests; the worker lives on
-                logger.exception("generation failed")
-                for job in self._running:
-                    job.fail(exc)
-                self._running = []
+                self._run_loop(name, lambda n: self._take(name, n), self.max_batch_size)
+            except Exception:  # the worker lives on
+                logger.exception("a batch failed; its requests are retried one by one")
+                self._retry_alone(name)
+
+    def _run_loop(self, name: str, take: Callable[[int], list[Request]], max_rows: int) -> None:
+        with self._use_model(name):
+            self.generators[name].refill_loop(max_rows).run(take, self._finish)
+        self.generate_calls += 1
+
+    def _retry_alone(self, name: str) -> None:
+        """Answer each request of a failed batch in a loop of its own, from where its answer had got to.
+
+        A batch's exception does not say which row caused it (a hostile input, a numeric blow-up, a batch too big for
+        memory), and failing every row would let one request fail all the others; alone, a request gets the error
+        only if it fails by itself. Resuming from prompt + answer so far keeps a stream's text whole (a penalty then
+        counts the answer's tokens from the resumption on: the loop keeps its own counts)."""
+        generator = self.generators[name]
+        for job in list(self._running):  # they stay in _running meanwhile, so that close() cancels them
+            try:
+                if (ended := _ended(job, generator.eos_ids)) is not None:  # the batch failed after its last token
+                    self._finish(Finished(Request(job.ids, job.request.gen, job), job.tokens, ended, 0.0))
+                    continue
+                batches = iter([[self._request(generator, job)]])
+                self._run_loop(name, lambda n: next(batches, []), 1)
+            except Exception as exc:
+                logger.exception("generation failed for one request")
+                if job in self._running:
+                    self._running.remove(job)
+                job.fail(exc)
 
     def _next_model(self) -> str | None:
         """The model of the oldest live request (waiting for one); None once closed."""
@@ -306,21 +337,39 @@ class Engine:
             others = (job for job in self._pending if job.request.model != name and not job.cancel.is_set())
             other = next(others, None)
             overdue = other is not None and time.monotonic() - other.queued_at > self.switch_after
+            if any(job.request.seed is not None for job in self._running):
+                return []  # a seeded request runs alone
             for job in list(self._pending):
                 if self._closed or len(jobs) >= n or (overdue and job.queued_at > other.queued_at):
                     break
-                if job.request.model == name:
-                    self._pending.remove(job)
-                    if not job.cancel.is_set():
-                        jobs.append(job)
+                if job.request.model != name:
+                    continue
+                # Rows draw their samples in turn from one random generator, so a seed is honoured only alone: a
+                # seeded request waits for the loop to drain (those behind it wait too: first come, first served).
+                seeded = job.request.seed is not None
+                if seeded and (jobs or self._running):
+                    break
+                self._pending.remove(job)
+                if not job.cancel.is_set():
+                    jobs.append(job)
+                if seeded:
+                    break
             self._running += jobs
         generator = self.generators[name]
-        requests = []
-        for job in jobs:
-            ids = generator.tokenizer(job.request.prompt, add_special_tokens=generator.template.add_special_tokens)
-            on_token = job.start_stream(generator) if job.stream else None
-            requests.append(Request(ids["input_ids"], job.request.gen, job, on_token, job.cancel))
-        return requests
+        return [self._request(generator, job) for job in jobs]
+
+    def _request(self, generator: Generator, job: _Job) -> Request:
+        """The job as a row of the loop: its prompt and answer so far (empty unless a retry resumes it), with the
+        tokens it has left. The first call tokenises the prompt, starts the stream and seeds the random generator."""
+        if job.ids is None:
+            job.ids = generator.tokenizer(job.request.prompt,
+                                          add_special_tokens=generator.template.add_special_tokens)["input_ids"]
+            if job.stream:
+                job.start_stream(generator)
+            if job.request.seed is not None:
+                torch.manual_seed(job.request.seed)  # the row is alone: nothing else draws from it until it ends
+        gen = dataclasses.replace(job.request.gen, max_new_tokens=job.request.gen.max_new_tokens - len(job.tokens))
+        return Request(job.ids + job.tokens, gen, job, job.add_token, job.cancel)
 
     def _finish(self, done: Finished) -> None:
         job: _Job = done.request.tag
@@ -329,7 +378,7 @@ class Engine:
         if job.stream:
             job.end_stream(done)
             return
-        answer = self.generators[job.request.model]._to_answer(done.tokens, done.seconds)
+        answer = self.generators[job.request.model]._to_answer(job.tokens, done.seconds)
         text, was_cut = cut_at(answer.text, job.request.stop)
         reason = "stop" if answer.ended_by_eos or was_cut else "length"
         job.emit("done", Output(text, answer.n_tokens, reason))
@@ -348,6 +397,13 @@ class Engine:
             context = nullcontext()
         with context:
             yield
+
+
+def _ended(job: _Job, eos_ids: set[int]) -> str | None:
+    """Why the job's answer has ended ("eos" or "length"), or None while it goes on."""
+    if job.tokens and job.tokens[-1] in eos_ids:
+        return "eos"
+    return "length" if len(job.tokens) >= job.request.gen.max_new_tokens else None
 
 
 class _LoopSink:
@@ -445,4 +501,13 @@ def split_conversation(messages: list[dict]) -> tuple[str | None, str, list[tupl
         raise APIError(400, "the conversation must start with a user message", param="messages",
                        code="invalid_messages")
     texts = [text for _, text in turns]
-    return system or None, texts[-1], list(zip(texts[0:-1:2], texts[1:-1:2]))
+    question = required_text(texts[-1], "the last user message", "messages")
+    return system or None, question, list(zip(texts[0:-1:2], texts[1:-1:2]))
+
+
+def required_text(text: str, what: str, param: str) -> str:
+    """`text`, unless it is empty or only whitespace: then there is nothing to answer, and a template would make a
+    prompt of it anyway. One rule for a chat's last user message and a completion's prompt."""
+    if not text.strip():
+        raise APIError(400, f"{what} is empty", param=param, code="empty_prompt")
+    return text

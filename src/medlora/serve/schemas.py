@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -22,9 +23,23 @@ Text = Annotated[str, AfterValidator(_valid_text)]  # every string a request car
 
 
 class _Lenient(BaseModel):
-    """Unknown OpenAI fields (user, seed, logit_bias, ...) are accepted and ignored."""
+    """Unknown fields (user, metadata, ...) are accepted and ignored; those that ask for what this server does not do
+    are declared and refused (NOT_HONOURED)."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+# OpenAI fields this server does not honour, each with the values that ask for nothing more than it does (absent or
+# the default). Any other value is refused with a 400 naming the field (medlora.serve.api.refuse_not_honoured),
+# rather than answered as if the field had not been sent.
+NOT_HONOURED = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+                "echo": (None, False), "suffix": (None, "")}
+
+
+def _not_honoured(name: str, what: str):
+    accepted = " or ".join(json.dumps(value) for value in NOT_HONOURED[name][1:])
+    return Field(None, description=f"{what}: not supported, so anything but {accepted} (or leaving it out) is "
+                                   f"refused with 400")
 
 
 class TextPart(_Lenient):
@@ -55,7 +70,10 @@ class SamplingFields(_Lenient):
                                            description="subtracted from the logit of every token the answer already "
                                                        "holds")
     stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the answer")
-    n: int | None = Field(None, description="number of answers; only 1 is supported")
+    n: int | None = _not_honoured("n", "number of answers")
+    seed: int | None = Field(None, ge=-2**63, lt=2**64,
+                             description="with temperature > 0, the same seed gives the same answer to the same "
+                                         "request (a seeded request is answered alone, not batched with others)")
     stream: bool = Field(False, description="answer as server-sent events ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
 
@@ -63,10 +81,16 @@ class SamplingFields(_Lenient):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, ending with a user message")
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens; wins if both")
+    logprobs: bool | None = _not_honoured("logprobs", "log probabilities of the answer's tokens")
+    top_logprobs: int | None = _not_honoured("top_logprobs", "the most likely tokens at each position")
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] = Field(description="the raw prompt (no template applied); a list must hold one string")
+    logprobs: int | None = _not_honoured("logprobs", "log probabilities of the most likely tokens")
+    echo: bool | None = _not_honoured("echo", "the prompt before the answer")
+    suffix: Text | None = _not_honoured("suffix", "text after the answer")
+    best_of: int | None = _not_honoured("best_of", "answers to choose the best of")
 
 
 class Usage(BaseModel):
@@ -176,6 +200,6 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "invalid request, prompt too long, max_tokens out of bounds, unsupported n",
+    400: "invalid request, empty or too long prompt, max_tokens out of bounds, a field this server does not honour",
     401: "missing or wrong API key", 404: "unknown model", 413: "request body too large",
     503: "queue full or shutting down"}.items()}

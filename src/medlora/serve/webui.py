@@ -24,6 +24,7 @@ from medlora.errors import ConfigError  # noqa: E402
 from medlora.generate import Generator  # noqa: E402
 from medlora.serve import LOOPBACK  # noqa: E402
 from medlora.templates import NO_KNOWLEDGE  # noqa: E402
+from medlora.turns import Turn  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
         if not question:
             yield "", history, to_messages(history), gr.update()
             return
-        found = generator.lookup(question, history=history)
-        prompt = generator.build_prompt(question, history=history, retrieved=found)
+        prompt, found = generator.prepare(Turn(question, history=tuple(history)))
         answer, facts = "", knowledge_markdown(found)
         for answer in stream_answer(generator, prompt, settings(gen, max_new_tokens, temperature, top_p)):
             yield "", history, to_messages([*history, (question, answer)]), facts
@@ -102,9 +102,7 @@ def build_demo(generator: Generator, gen: GenerationArgs | None = None, title: s
         question = (question or "").strip()
         if not question:
             return
-        found = generator.lookup(question)
-        prompt, current = generator.build_prompt(question, retrieved=found), settings(gen, max_new_tokens, temperature,
-                                                                                      top_p)
+        (prompt, found), current = generator.prepare(Turn(question)), settings(gen, max_new_tokens, temperature, top_p)
         tuned, facts = "", knowledge_markdown(found)
         for tuned in stream_answer(generator, prompt, current):
             yield "", tuned, facts

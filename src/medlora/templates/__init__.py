@@ -55,7 +55,7 @@ class Template:
 
     @property
     def has_knowledge_slot(self) -> bool:
-        return "{knowledge}" in self.prompt_no_input
+        return "knowledge" in slots(self.prompt_no_input)
 
     @property
     def add_special_tokens(self) -> bool:
@@ -148,18 +148,18 @@ class Template:
         return f"{KNOWLEDGE_HEADER}\n{knowledge or self.no_knowledge}\n\n{instruction}"
 
     def _format(self, instruction: str, input: str, knowledge: str | None) -> str:
-        slots = {"knowledge": knowledge or self.no_knowledge} if self.has_knowledge_slot else {}
+        fill = {"knowledge": knowledge or self.no_knowledge} if self.has_knowledge_slot else {}
         if not input:
-            return self.prompt_no_input.format(instruction=instruction, **slots)
-        if "{input}" not in self.prompt_input:
+            return self.prompt_no_input.format(instruction=instruction, **fill)
+        if "input" not in slots(self.prompt_input):
             # The Huatuo template has no {input} slot: keep the input rather than lose it silently.
             if not self._warned_dropped_input:
                 logger.warning(
                     "template %r has no {input} slot; appending each record's input to its instruction", self.name
                 )
                 self._warned_dropped_input = True
-            return self.prompt_input.format(instruction=f"{instruction}\n{input}", **slots)
-        return self.prompt_input.format(instruction=instruction, input=input, **slots)
+            return self.prompt_input.format(instruction=f"{instruction}\n{input}", **fill)
+        return self.prompt_input.format(instruction=instruction, input=input, **fill)
 
     @staticmethod
     def _check_chat(tokenizer) -> None:
@@ -179,12 +179,11 @@ class Template:
 
         if self.use_chat_template:
             raise TemplateError("template 'chat' is the tokenizer's own chat template already")
-        head, _, tail = self.prompt_no_input.partition("{instruction}")
-        literal = lambda text: json.dumps(text.replace("{knowledge}", self.no_knowledge)  # noqa: E731
-                                          .replace("{{", "{").replace("}}", "}"), ensure_ascii=False)
+        ask = " ~ ".join("q" if part is None else json.dumps(part, ensure_ascii=False)
+                         for part in self.question_parts())
         return "".join([
             "{#- medlora template " + json.dumps(self.name, ensure_ascii=False) + ": the prompt medlora builds -#}\n",
-            "{%- macro ask(q) -%}{{ " + literal(head) + " ~ q ~ " + literal(tail) + " }}{%- endmacro -%}\n",
+            "{%- macro ask(q) -%}{{ " + ask + " }}{%- endmacro -%}\n",
             "{%- set ns = namespace(system='', given=false, out='', user='', prev='') -%}\n",
             "{%- for m in messages if m['role'] in ['system', 'developer'] -%}\n",
             "{%- set ns.system = (ns.system ~ '\\n' if ns.given else '') ~ m['content'] -%}{%- set ns.given = true -%}\n",
@@ -205,6 +204,21 @@ class Template:
             "{%- if ns.prev == 'assistant' -%}{{- eos_token -}}",
             "{%- elif add_generation_prompt -%}{{- ask(ns.user) -}}{%- endif -%}\n",
         ])
+
+    def question_parts(self) -> list[str | None]:
+        """`prompt_no_input` as the pieces a chat template is derived from (here for Jinja; medlora export's Ollama
+        template likewise): literal texts, and None at each {instruction} slot. It is parsed as `str.format` reads
+        it when `build_prompt` renders, so an escaped `{{instruction}}` stays literal text and a slot given twice is
+        filled twice; a {knowledge} slot is the no-knowledge text (only medlora retrieves facts)."""
+        parts: list[str | None] = []
+        for literal, slot, _, _ in string.Formatter().parse(self.prompt_no_input):
+            parts.append(literal)
+            if slot not in (None, "instruction", "knowledge"):
+                raise TemplateError(f"template {self.name!r}: prompt_no_input has a {{{slot}}} slot that a chat "
+                                    f"template cannot fill")
+            if slot is not None:
+                parts.append(None if slot == "instruction" else self.no_knowledge)
+        return [part for part in parts if part != ""]
 
     @property
     def stop_strings(self) -> list[str]:
@@ -279,6 +293,13 @@ SLOTS = ("instruction", "input", "knowledge")
 NO_INPUT_SLOTS = ("instruction", "knowledge")
 
 
+@functools.lru_cache(maxsize=64)
+def slots(text: str) -> tuple[str, ...]:
+    """The `{...}` slots of a prompt, in order, as `str.format` reads them when a prompt is rendered: `{{x}}` is
+    literal text, not a slot. The one reading of a prompt's slots (checks, knowledge placement, chat templates)."""
+    return tuple(slot for _, slot, _, _ in string.Formatter().parse(text) if slot is not None)
+
+
 def check_placeholders(text: str, where: str, allowed: tuple[str, ...]) -> None:
     """Refuse a prompt whose `{...}` fields are not bare names among `allowed`, or whose braces do not pair (a
     literal brace is written `{{` or `}}`)."""
@@ -296,15 +317,11 @@ def check_placeholders(text: str, where: str, allowed: tuple[str, ...]) -> None:
             raise TemplateError(f"{where}: placeholder {{{slot}}} has a format spec or conversion; write it bare")
 
 
-def load_template(name_or_path: str | dict) -> Template:
-    """A built-in template by name (or alias), a template JSON file, or a dict saved in medlora.json."""
+def load_template(name_or_path: str | dict, where: str | None = None) -> Template:
+    """A built-in template by name (or alias), a template JSON file, or a dict saved in medlora.json (`where` names
+    it in errors, e.g. "adapter/medlora.json: field 'template'")."""
     if isinstance(name_or_path, dict):
-        data = dict(name_or_path)
-        return Template(
-            name=data.pop("name", "custom"),
-            use_chat_template=data.pop("use_chat_template", False),
-            **{k: data[k] for k in (*REQUIRED_KEYS, "description", "no_knowledge") if k in data},
-        )
+        return template_from_fields(name_or_path, where or "template", recorded=True)
     name = ALIASES.get(name_or_path, name_or_path)
     if name == "chat":
         return Template(name="chat", use_chat_template=True, description="the tokenizer's own chat template")
@@ -315,25 +332,39 @@ def load_template(name_or_path: str | dict) -> Template:
             f"alias chinese_med) and no such file"
         )
     data = read_json_object(path, TemplateError, "a JSON object (a prompt template)")
-    for key in REQUIRED_KEYS:
-        if not isinstance(data.get(key), str):
-            raise TemplateError(f"{path}: field {key!r} must be a string")
+    return template_from_fields({**data, "name": path.stem}, str(path))
+
+
+def template_from_fields(data: dict, where: str, recorded: bool = False) -> Template:
+    """A Template from a template file's fields, or (`recorded`) from the `template` of medlora.json, which adds
+    `name` and `use_chat_template`: every field checked the same way, each problem one TemplateError line naming
+    `where` and the field."""
+    def field(key: str) -> str:
+        return f"{where}: field {key!r}"
+
+    optional = ("description", "no_knowledge", "name") if recorded else ("description", "no_knowledge")
+    for key in (*REQUIRED_KEYS, *optional):
+        if (key in REQUIRED_KEYS or key in data) and not isinstance(data.get(key), str):
+            raise TemplateError(f"{field(key)} must be a string")
+    chat = data.get("use_chat_template", False) if recorded else False
+    if not isinstance(chat, bool):
+        raise TemplateError(f"{field('use_chat_template')} must be true or false")
+    if not chat:
+        _check_prompts(data, where)
+    return Template(name=data.get("name", "custom"), prompt_input=data["prompt_input"],
+                    prompt_no_input=data["prompt_no_input"], response_split=data["response_split"],
+                    description=data.get("description", ""), use_chat_template=chat,
+                    **({"no_knowledge": data["no_knowledge"]} if data.get("no_knowledge") else {}))
+
+
+def _check_prompts(data: dict, where: str) -> None:
+    """The slots of both prompts (as `str.format` reads them), and a response split that can end a prompt."""
     for key in ("prompt_input", "prompt_no_input"):
-        check_placeholders(data[key], f"{path}: field {key!r}", SLOTS if key == "prompt_input" else NO_INPUT_SLOTS)
-    if "{instruction}" not in data["prompt_no_input"] or "{instruction}" not in data["prompt_input"]:
-        raise TemplateError(f"{path}: prompt_input and prompt_no_input must contain {{instruction}}")
-    if ("{knowledge}" in data["prompt_no_input"]) != ("{knowledge}" in data["prompt_input"]):
-        raise TemplateError(f"{path}: a {{knowledge}} slot must be in both prompt_input and prompt_no_input")
+        check_placeholders(data[key], f"{where}: field {key!r}", SLOTS if key == "prompt_input" else NO_INPUT_SLOTS)
+    if "instruction" not in slots(data["prompt_no_input"]) or "instruction" not in slots(data["prompt_input"]):
+        raise TemplateError(f"{where}: prompt_input and prompt_no_input must contain {{instruction}}")
+    if ("knowledge" in slots(data["prompt_no_input"])) != ("knowledge" in slots(data["prompt_input"])):
+        raise TemplateError(f"{where}: a {{knowledge}} slot must be in both prompt_input and prompt_no_input")
     if data["response_split"] and not data["response_split"].strip():
-        raise TemplateError(f"{path}: field 'response_split' is only whitespace, which would cut every answer at its "
+        raise TemplateError(f"{where}: field 'response_split' is only whitespace, which would cut every answer at its "
                             f"first space; give the marker that ends the prompt (or \"\")")
-    if not isinstance(data.get("no_knowledge", ""), str):
-        raise TemplateError(f"{path}: field 'no_knowledge' must be a string")
-    return Template(
-        name=path.stem,
-        prompt_input=data["prompt_input"],
-        prompt_no_input=data["prompt_no_input"],
-        response_split=data["response_split"],
-        description=data.get("description", ""),
-        **({"no_knowledge": data["no_knowledge"]} if data.get("no_knowledge") else {}),
-    )
