@@ -82,6 +82,15 @@ def test_modelfile_carries_template_stops_and_evaluation_parameters(exported):
         assert line in lines
 
 
+def test_the_modelfile_answers_with_the_recorded_decoding():
+    from medlora.export_templates import ollama_parameters
+
+    sampled = ollama_parameters({"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "top_p": 0.9})
+    assert (sampled["num_predict"], sampled["temperature"], sampled["top_p"]) == (64, 0.7, 0.9)
+    greedy = ollama_parameters({})  # nothing recorded: medlora's recommended decoding
+    assert (greedy["num_predict"], greedy["temperature"], greedy["frequency_penalty"]) == (128, 0, 0.3)
+
+
 def _refused(capsys, *args: str) -> str:
     code = main(["export", *args])
     err = capsys.readouterr().err.strip()

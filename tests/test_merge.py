@@ -35,6 +35,25 @@ def test_folder_is_a_plain_transformers_model(merged, tiny_adapter):
     assert not [p for p in merged.parent.iterdir() if p.name.startswith(".")], "staging folder left behind"
 
 
+def test_the_merged_model_answers_with_the_adapters_decoding(merged, tiny_adapter):
+    """merge copies the adapter's recommended decoding (its generation_config.json) into medlora.json; the commands
+    read it for the merged folder as for the adapter, and a plain base's generation_config.json is not read."""
+    from medlora.cli import build_parser
+    from medlora.commands._common import generation_args
+    from medlora.config import GenerationArgs
+
+    saved = json.loads((tiny_adapter / "generation_config.json").read_text(encoding="utf-8"))
+    assert json.loads((merged / "medlora.json").read_text(encoding="utf-8"))["decoding"] == saved
+    parser = build_parser(only="infer")
+    gen = generation_args(parser.parse_args(["infer", "--base_model", str(merged)]), None, str(merged))
+    assert (gen.max_new_tokens, gen.frequency_penalty) == (saved["max_new_tokens"], saved["frequency_penalty"])
+    from medlora.modeling import resolve_model_path
+
+    base = resolve_model_path("tiny-qwen2")
+    assert (Path(base) / "generation_config.json").is_file()
+    assert generation_args(parser.parse_args(["infer"]), None, base) == GenerationArgs()
+
+
 def test_merged_logits_equal_the_adapter_models(merged, tiny_model, tiny_adapter):
     from transformers import AutoModelForCausalLM
 

@@ -228,7 +228,6 @@ class PairArgs:
 # by infer, eval, chat and webui unless a flag overrides it: greedy, 128 new tokens, OpenAI's frequency penalty 0.3
 # (without it the demo adapter loops on ~7% of answers, `贫血、贫血、…`; README, Results).
 RECOMMENDED_DECODING = {"max_new_tokens": 128, "do_sample": False, "frequency_penalty": 0.3}
-GENERATION_CONFIG = "generation_config.json"
 MIN_TEMPERATURE = 1e-5  # sampling at a lower temperature is greedy decoding (as vLLM does)
 
 

@@ -23,7 +23,8 @@ from medlora.config import ModelArgs
 from medlora.errors import ModelError
 from medlora.io import atomic_write_text, check_output_folder, remove_stale_staging, staging_prefix
 from medlora.loader import load
-from medlora.modeling import MEDLORA_META, default_device, read_adapter_meta, resolve_dtype, resolve_model_path
+from medlora.modeling import (MEDLORA_META, default_device, read_adapter_meta, recorded_decoding, resolve_dtype,
+                              resolve_model_path)
 
 # Largest max-abs logit difference accepted between the saved merged model and base + adapter. Both are run in
 # float64 for the check, so it measures what merging changed (the rounding of W + BA to the saved dtype), not the
@@ -82,6 +83,9 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     knowledge = read_adapter_meta(adapter_dir).get("knowledge")
     if knowledge:  # the merged model is prompted with the facts it was trained with, as the adapter was
         meta["knowledge"] = knowledge
+    decoding = recorded_decoding(adapter_dir)
+    if decoding:  # and answers with the decoding it was made for (its generation_config.json is the base's)
+        meta["decoding"] = decoding
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir.parent, f".{out_dir.name}.merging-")  # left by a merge that was killed

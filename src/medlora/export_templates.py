@@ -64,13 +64,24 @@ def ollama_template(template: Template, eos_token: str) -> str:
     ])
 
 
-# What the evaluation in README/docs uses: greedy answers, at most 128 new tokens, frequency penalty 0.3.
-RECOMMENDED = {"temperature": 0, "top_p": 0.75, "top_k": 40, "num_predict": 128, "repeat_penalty": 1.0,
-               "frequency_penalty": 0.3}
+def ollama_parameters(decoding: dict) -> dict:
+    """Ollama's PARAMETERs for a model's recorded decoding (modeling.recorded_decoding; medlora's recommended one,
+    config.RECOMMENDED_DECODING, when nothing is recorded): greedy is temperature 0, as in Ollama."""
+    from dataclasses import fields
+
+    from medlora.config import RECOMMENDED_DECODING, GenerationArgs
+
+    names = {f.name for f in fields(GenerationArgs)}
+    gen = GenerationArgs(**{k: v for k, v in (decoding or RECOMMENDED_DECODING).items() if k in names})
+    return {"temperature": gen.temperature if gen.do_sample else 0, "top_p": gen.top_p, "top_k": gen.top_k,
+            "num_predict": gen.max_new_tokens, "repeat_penalty": gen.repetition_penalty,
+            "frequency_penalty": gen.frequency_penalty, "presence_penalty": gen.presence_penalty}
 
 
-def modelfile(gguf_name: str, template: Template, eos_token: str, notes: list[str] = ()) -> str:
-    """An Ollama Modelfile for the GGUF file `gguf_name` lying beside it."""
+def modelfile(gguf_name: str, template: Template, eos_token: str, notes: list[str] = (), decoding: dict | None = None
+              ) -> str:
+    """An Ollama Modelfile for the GGUF file `gguf_name` lying beside it, answering with `decoding` (the model's
+    recorded decoding; medlora's recommended one when None)."""
     out = ["# Ollama Modelfile written by `medlora export` (it was not run in Ollama where medlora is developed).",
            "# Research use only; not medical advice. 仅供研究使用，不构成医疗建议。",
            *(f"# note: {note}" for note in notes),
@@ -85,8 +96,8 @@ def modelfile(gguf_name: str, template: Template, eos_token: str, notes: list[st
     for stop in template.stop_strings:
         if stop and '"' not in stop and "\n" not in stop:
             out.append(f'PARAMETER stop "{stop}"')
-    out += ["# as medlora's evaluation: greedy, at most 128 new tokens (top_p/top_k matter once temperature > 0),",
-            "# no repetition penalty, frequency penalty 0.3 (an option of Ollama's API; Ollama applies it over its",
-            "# window of recent tokens, repeat_last_n, where medlora counts exactly the answer's tokens)"]
-    out += [f"PARAMETER {name} {value}" for name, value in RECOMMENDED.items()]
+    out += ["# the decoding the model was made to answer with (its generation_config.json; top_p/top_k matter once",
+            "# temperature > 0). Ollama applies the frequency and presence penalties over its window of recent tokens,",
+            "# repeat_last_n, where medlora counts exactly the answer's tokens"]
+    out += [f"PARAMETER {name} {value}" for name, value in ollama_parameters(decoding).items()]
     return "\n".join(out) + "\n"

@@ -59,7 +59,7 @@ def export_gguf(base_model: str | None, out: str | Path, lora_weights: str | Non
     """Write `out` (GGUF) and `out`.Modelfile; raise ConfigError/ModelError (leaving both as they were) on failure."""
     from medlora.export_templates import modelfile
     from medlora.loader import template_for
-    from medlora.modeling import resolve_model_path
+    from medlora.modeling import recorded_decoding, resolve_model_path
 
     started = time.perf_counter()
     out = Path(out)
@@ -83,7 +83,7 @@ def export_gguf(base_model: str | None, out: str | Path, lora_weights: str | Non
         n_tensors = _convert(model_dir, staging, out, outtype, template, meta)
         notes = _notes(meta)
         (staging / modelfile_path(out).name).write_text(
-            modelfile(out.name, template, _eos_token(model_dir), notes), encoding="utf-8")
+            modelfile(out.name, template, _eos_token(model_dir), notes, recorded_decoding(model_dir)), encoding="utf-8")
         for name in (out.name, modelfile_path(out).name):  # the GGUF first: a Modelfile never names a missing file
             os.chmod(staging / name, 0o666 & ~current_umask())
             os.replace(staging / name, out.parent / name)

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
 MEDLORA_META = "medlora.json"
+GENERATION_CONFIG = "generation_config.json"  # an adapter's recommended decoding, in Hugging Face's file
 _WARNED_RANDOM: set[str] = set()
 
 
@@ -311,6 +312,7 @@ RECORD_SCHEMA = {
     "knowledge": ("an object with a non-empty string 'source' and a string 'sha256'",
                   lambda v: isinstance(v, dict) and isinstance(v.get("source"), str) and v["source"].strip() != ""
                   and isinstance(v.get("sha256", ""), (str, type(None)))),
+    "decoding": ("an object of decoding settings", lambda v: isinstance(v, dict) and all(map(_is_scalar, v.values()))),
     "merged_from": ("an object of strings", lambda v: isinstance(v, dict) and all(map(_is_scalar, v.values()))),
 }
 
@@ -334,6 +336,19 @@ def check_record(path, meta: dict) -> dict:
 def _shown(value) -> str:
     text = json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def recorded_decoding(folder: str | Path) -> dict:
+    """The decoding an adapter or a merged model was made to answer with: an adapter's generation_config.json
+    (written by finetune), a merged model's `decoding` in medlora.json (copied there by merge); {} for any other
+    folder, whose generation_config.json is the model maker's (a chat model's sampling), not a medlora recipe's."""
+    from medlora.io import read_json_object
+
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        path = folder / GENERATION_CONFIG
+        return read_json_object(path, ModelError, "a JSON object of decoding settings") if path.is_file() else {}
+    return read_adapter_meta(folder).get("decoding") or {}
 
 
 def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Path:

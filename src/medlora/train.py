@@ -20,14 +20,13 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medlora import __version__
-from medlora.config import (GENERATION_CONFIG, RECOMMENDED_DECODING, DataArgs, LoraArgs, ModelArgs, TrainArgs,
-                            asdict)
+from medlora.config import RECOMMENDED_DECODING, DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss
 from medlora.io import (atomic_write_text, env_int, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
-from medlora.modeling import (MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
+from medlora.modeling import (GENERATION_CONFIG, MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
                               load_base_model, load_tokenizer, model_fingerprint, preflight_target_modules,
                               resolve_dtype)
 from medlora.resilience import (CheckpointMarkerCallback, GracefulStopCallback, check_written, find_resume_checkpoint,

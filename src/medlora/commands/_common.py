@@ -82,23 +82,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_args(args: argparse.Namespace, *folders) -> GenerationArgs:
-    """Decoding settings: GenerationArgs' defaults < the generation_config.json saved with the first of `folders`
-    (an adapter or merged model) that has one < the flags given (only given flags are in `args`)."""
-    return build_dataclass(GenerationArgs, {**recorded_decoding(*folders), **vars(args)})
-
-
-def recorded_decoding(*folders) -> dict:
-    """The GenerationArgs fields in the first folder's generation_config.json that holds one ({} when none does)."""
-    from medlora.config import GENERATION_CONFIG
-    from medlora.io import read_json_object
+    """Decoding settings: GenerationArgs' defaults < the decoding recorded with the first of `folders` (an adapter, a
+    merged model: modeling.recorded_decoding) that has one < the flags given (only given flags are in `args`)."""
+    from medlora.modeling import recorded_decoding
 
     names = {f.name for f in fields(GenerationArgs)}
-    for folder in folders:
-        path = Path(folder, GENERATION_CONFIG) if folder else None
-        if path is not None and path.is_file():
-            saved = read_json_object(path, ConfigError, "a JSON object of decoding settings")
-            return {key: value for key, value in saved.items() if key in names}
-    return {}
+    recorded = next((saved for saved in (recorded_decoding(f) for f in folders if f) if saved), {})
+    return build_dataclass(GenerationArgs, {**{k: v for k, v in recorded.items() if k in names}, **vars(args)})
 
 
 def model_args(args: argparse.Namespace) -> ModelArgs:

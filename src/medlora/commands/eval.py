@@ -157,7 +157,7 @@ def generate_all(args, models: list[tuple[str, str]], records: list[dict]) -> tu
     from medlora.modeling import preflight_adapter
 
     margs = model_args(args)
-    gen = generation_args(args, *(path for _, path in models if path))
+    gen = generation_args(args, *(path for _, path in models if path), args.base_model)
     adapter_dirs = [path for _, path in models if path]
     for path in adapter_dirs:  # refuse a bad adapter before spending time on the base model
         preflight_adapter(path, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.data or ", ".join(path for _, path in result_files)
     subtitle = f"records: {source}"
     if models:  # how the answers were generated, so that the figures can be reproduced
-        gen = generation_args(args, *(path for _, path in models if path))
+        gen = generation_args(args, *(path for _, path in models if path), args.base_model)
         subtitle += "; generation: " + ", ".join(f"{k} {v}" for k, v in gen.to_generate_kwargs().items())
     written = write_report(out, metrics, rows_by_label, args.train_dir, subtitle=subtitle)
     print_metrics_table(metrics)

@@ -70,7 +70,7 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
 def run(args: argparse.Namespace) -> int:
     from medlora.io import atomic_write_jsonl
 
-    gen = generation_args(args, adapter_path(args))
+    gen = generation_args(args, adapter_path(args), args.base_model)
     if args.model_output_dir:
         claim_output("--model_output_dir", args.model_output_dir, {"--instruct_dir": args.instruct_dir})
     records = read_records(args, args.instruct_dir, require_output=False) if args.instruct_dir else None
