@@ -8,7 +8,7 @@ export MEDLORA_HOME ?= $(HOME)/.cache/medlora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow demo demo-retrain demo-prefer train-full bench bench-quick bench-llamacpp llamacpp clean
+.PHONY: venv test test-unit test-e2e test-slow demo demo-retrain demo-prefer train-full bench bench-quick bench-llamacpp llamacpp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,14 @@ llamacpp: $(LLAMACPP_STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache  # the import contract of pyproject.toml ([tool.importlinter])
 	$(BIN)/python -m pytest -q
+
+# The two halves of `make test`: unit tests of the library (minutes), end-to-end runs of commands and servers
+test-unit: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and e2e"
 
 test-slow: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -24,6 +24,20 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# End-to-end files: they train adapters, start servers or run the CLI in fresh processes (`make test-e2e`); the rest
+# are unit tests of the library's functions on the tiny model (`make test-unit`). `make test` runs both.
+E2E_FILES = {"test_atomic_outputs.py", "test_bad_inputs.py", "test_chat.py", "test_conversations.py",
+             "test_distributed.py", "test_export_gguf.py", "test_knowledge_tuning.py", "test_llamacpp_agreement.py",
+             "test_merge.py", "test_pipeline.py", "test_prefer.py", "test_resilience.py", "test_serve.py",
+             "test_server_abuse.py", "test_speedups.py", "test_webui.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in E2E_FILES:
+            item.add_marker(pytest.mark.e2e)
+
+
 # A few short records the tiny model can learn by heart (our own text).
 TINY_RECORDS = [
     {"instruction": "感冒的常见症状是什么？", "input": "", "output": "鼻塞、流涕、咽痛。"},
