@@ -225,3 +225,13 @@ def test_an_adapter_of_nans_is_refused_not_saved(tiny_model, tiny_records_file, 
     assert not (out / "adapter_model.safetensors").exists()
     assert main(["finetune", "--base_model", tiny_model, "--data_path", str(tiny_records_file), "--num_epochs", "inf",
                  "--output_dir", str(tmp_path / "inf")]) == 2
+
+
+def test_a_medlora_home_where_nothing_can_be_written_is_one_line(monkeypatch, capsys, tiny_records_file):
+    from medlora.cli import main
+
+    monkeypatch.setenv("MEDLORA_HOME", "/proc/medlora-home")  # no folder can be made there, even by root
+    assert main(["infer", "--base_model", "tiny-qwen2", "--instruct_dir", str(tiny_records_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("medlora infer: error: $MEDLORA_HOME /proc/medlora-home: cannot prepare the built-in "
+                              "model 'tiny-qwen2' there"), err

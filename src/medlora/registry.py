@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medlora.errors import ModelError
+from medlora.errors import ConfigError, ModelError
 from medlora.io import current_umask, manifest_ok, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -159,8 +159,13 @@ def prepare_builtin(name: str, registry: dict[str, BuiltinModel] | None = None) 
     final = model_dir(name)
     if is_prepared(final, spec):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{name}.lock", "w") as lock:
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(final.parent / f".{name}.lock", "w")
+    except OSError as exc:  # read-only, or a place no folder can be made (/proc)
+        raise ConfigError(f"$MEDLORA_HOME {medlora_home()}: cannot prepare the built-in model {name!r} there "
+                          f"({exc.strerror or exc}); point MEDLORA_HOME at a folder you can write") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process (a DDP rank) may be building the same model
         if is_prepared(final, spec):
             return final
