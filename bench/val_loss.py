@@ -33,7 +33,8 @@ def compare(n: int | None = None, base_model: str = "gemma3-270m") -> dict:
     from medlora.modeling import attach_lora, configure_threads, load_base_model, load_tokenizer
     from medlora.templates import load_template
     from medlora.tokenize import tokenize_records
-    from medlora.train import SupervisedLossTrainer, validation_loss
+    from medlora.fastloss import validation_loss
+    from medlora.train import SupervisedLossTrainer
 
     configure_threads()
     records = load_records(REPO / "data" / "medqa" / "valid.jsonl")[:n]

@@ -326,7 +326,7 @@ def test_real_graph_loads_sane_entries():
 @pytest.mark.skipif(importlib.util.find_spec("pyCMeKG") is None, reason="pycmekg is not installed")
 def test_a_build_with_cmekg_tags_sources_and_carries_no_other_answer_form():
     from medlora.databuild import build_tagged, load_sources
-    from medlora.evaluate import leaks
+    from medlora.eval.judges import leaks
 
     both = load_sources("both")
     curated = [d for d in both if d["source"] == "kb"]

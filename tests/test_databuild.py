@@ -17,8 +17,10 @@ from medlora.databuild.patterns import ATTRIBUTE_PATTERNS
 from medlora.errors import DataError
 from medlora.data import load_records
 from medlora.databuild.phrasing import phrasing
-from medlora.evaluate import endorses_harm, extract_choice, golden_choice, is_safe, leaks, parse_options
+from medlora.eval.judges import endorses_harm, is_safe, leaks
+from medlora.eval.mcq import extract_choice, golden_choice
 from medlora.knowledge import KnowledgeIndex
+from medlora.vocab import parse_options
 
 REPO = Path(__file__).resolve().parents[1]
 KB = REPO / "src" / "medlora" / "kb"

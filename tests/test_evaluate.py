@@ -7,8 +7,9 @@ import json
 import pytest
 
 from conftest import TINY_RECORDS, run_medlora
-from medlora.evaluate import (bleu4, char_tokens, exact_match, extract_choice, golden_choice, normalise,
-                              parse_options, per_record_rouge_l, rouge_scores, score_results)
+from medlora.eval.mcq import extract_choice, golden_choice
+from medlora.eval.metrics import bleu4, exact_match, per_record_rouge_l, rouge_scores, score_results
+from medlora.vocab import char_tokens, normalise, parse_options
 
 # --- character tokens, ROUGE, BLEU, exact match ---------------------------------------------------------------
 
@@ -204,6 +205,26 @@ def test_eval_rescores_results_files_identically(evaluated, tiny_adapter, tmp_pa
         assert again[new] == generated
 
 
+def test_evaluate_from_python_answers_scores_and_writes_what_the_command_writes(tiny_model, tmp_path):
+    from medlora.config import GenerationArgs
+    from medlora.eval import EvalSettings, evaluate
+
+    records = [{**r, "kind": "free"} for r in TINY_RECORDS[:2]]
+    settings = EvalSettings(prompt_template="chat", perplexity=True, answer_cache=False)  # chat: no stop strings
+    done = evaluate(tiny_model, records, settings=settings, generation=GenerationArgs(max_new_tokens=4),
+                    out=tmp_path / "ev")
+    assert list(done.rows) == ["base"]
+    assert [row["golden"] for row in done.rows["base"]] == [r["output"] for r in records]
+    assert done.metrics["base"]["n"] == 2 and done.metrics["base"]["perplexity"] > 1
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text(encoding="utf-8")) == done.metrics
+    assert [p.name for p in done.files] == ["metrics.json", "report.md", "report.html"]
+    assert (tmp_path / "ev" / "base" / "results.jsonl").is_file()
+    again = evaluate(None, [], results={"again": done.rows["base"]})  # answers given: scored, no model loaded
+    perplexity = ("eval_loss", "perplexity")
+    assert again.metrics["again"] == {k: v for k, v in done.metrics["base"].items() if k not in perplexity}
+    assert again.files == []
+
+
 def test_eval_refuses_duplicate_labels(tmp_path):
     proc = run_medlora("eval", "--results", "a/results.jsonl", "b/base/results.jsonl", "--base_model", "tiny-qwen2",
                        "--data", "x.jsonl", "--out", str(tmp_path), check=False)
@@ -235,14 +256,15 @@ def test_the_base_models_answers_are_reused_by_a_run_that_asks_the_same(tiny_mod
     args = ["eval", "--base_model", tiny_model, "--data", str(tiny_records_file), "--max_new_tokens", "3",
             "--dtype", "fp32", "--show", "0", "--batch_size", "3"]
     reused = "base's answers are those of an earlier run with the same model, data and settings"
-    import medlora.commands.eval as eval_command
+    import medlora.eval.runner as runner
 
-    digest = eval_command.source_digest()
+    digest = runner.source_digest() + str(tmp_path)  # a key no earlier session used: MEDLORA_TEST_HOME may be kept
+    monkeypatch.setattr(runner, "source_digest", lambda: digest)
     with caplog.at_level("INFO", logger="medlora"):
         for run, extra in (("a", []), ("b", []), ("c", ["--answer_cache", "false"]), ("d", [])):  # c: asked not to
             caplog.clear()
             if run == "d":  # medlora's code changed (retrieval or prompts may differ): answered again
-                monkeypatch.setattr(eval_command, "source_digest", lambda: digest[::-1])
+                monkeypatch.setattr(runner, "source_digest", lambda: digest[::-1])
             assert main([*args, *extra, "--out", str(tmp_path / run)]) == 0
             assert (reused in caplog.text) is (run == "b"), (run, caplog.text)
     results = [(tmp_path / run / "base" / "results.jsonl").read_text() for run in ("a", "b", "c")]

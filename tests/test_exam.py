@@ -9,9 +9,12 @@ from collections import Counter, defaultdict
 import pytest
 
 from conftest import REPO
-from medlora.evaluate import (KINDS, SAFE_ACTIONS, fact_scores, golden_choice, is_safe, leaks, normalise,
-                              parse_options, record_scores, score_results)
+from medlora.eval.facts import fact_scores
+from medlora.eval.judges import KINDS, SAFE_ACTIONS, is_safe, leaks
+from medlora.eval.mcq import golden_choice
+from medlora.eval.metrics import record_scores, score_results
 from medlora.knowledge import ATTRIBUTES, KnowledgeIndex
+from medlora.vocab import normalise, parse_options
 
 EXAM = REPO / "data" / "exam" / "exam.jsonl"
 CHAPTERS = 18

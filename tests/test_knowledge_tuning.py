@@ -11,8 +11,9 @@ import pytest
 from conftest import FICTIONAL, LEARN_FLAGS, write_jsonl
 from medlora.cli import main
 from medlora.errors import TemplateError
-from medlora.evaluate import is_honest, score_results
 from medlora.databuild.noise import knowledge_for_training
+from medlora.eval.judges import is_honest
+from medlora.eval.metrics import score_results
 from medlora.knowledge import KnowledgeIndex, Retrieved
 from medlora.templates import KNOWLEDGE_HEADER, NO_KNOWLEDGE, load_template
 

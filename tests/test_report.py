@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import pytest
 
 from medlora.errors import ConfigError
-from medlora.evaluate import score_results
+from medlora.eval.metrics import score_results
 from medlora.report import compare_records, write_report
 
 VOID = {"meta", "img", "input", "br", "hr", "link"}

@@ -273,8 +273,8 @@ def test_validation_loss_is_the_token_mean_whatever_the_batching(tiny_model, mon
     averaged over all supervised tokens; the batch budget does not change it."""
     from datasets import Dataset
 
-    import medlora.train
-    from medlora.train import validation_loss
+    import medlora.fastloss
+    from medlora.fastloss import validation_loss
 
     model, _ = lora_batch(tiny_model)
     tokenizer = load_tokenizer(tiny_model)
@@ -289,7 +289,7 @@ def test_validation_loss_is_the_token_mean_whatever_the_batching(tiny_model, mon
     dataset = Dataset.from_list(examples)
     fast = validation_loss(model, dataset, collator)
     assert abs(fast - total / count) <= 1e-5 * total / count
-    monkeypatch.setattr(medlora.train, "EVAL_BATCH_TOKENS", 16)  # one example a batch
+    monkeypatch.setattr(medlora.fastloss, "EVAL_BATCH_TOKENS", 16)  # one example a batch
     assert abs(validation_loss(model, dataset, collator) - fast) <= 1e-6 * fast
     assert model.training  # left as it was found
 

@@ -11,7 +11,8 @@ import re
 import pytest
 
 from conftest import REPO
-from medlora.evaluate import echoes, entry_scores, record_scores, score_results, triage_of, urges
+from medlora.eval.judges import echoes, entry_scores, triage_of, urges
+from medlora.eval.metrics import record_scores, score_results
 from medlora.knowledge import KnowledgeIndex, Retrieved
 
 
@@ -212,9 +213,10 @@ def test_retrieval_data_generation_and_scoring_take_their_words_from_the_vocabul
     does not import scoring; scoring does not import data generation (each reads words from medlora.vocab)."""
     src = REPO / "src" / "medlora"
     assert _imports(src / "vocab.py") == set()
-    rules = {"knowledge.py": ("medlora.evaluate", "medlora.databuild"), "kb/__init__.py": ("medlora.evaluate",
-             "medlora.databuild", "medlora.knowledge"), "evaluate.py": ("medlora.databuild",)}
-    rules.update({f"databuild/{p.name}": ("medlora.evaluate",) for p in (src / "databuild").glob("*.py")})
+    rules = {"knowledge.py": ("medlora.eval", "medlora.databuild"), "kb/__init__.py": ("medlora.eval",
+             "medlora.databuild", "medlora.knowledge")}
+    rules.update({f"eval/{p.name}": ("medlora.databuild",) for p in (src / "eval").glob("*.py")})
+    rules.update({f"databuild/{p.name}": ("medlora.eval",) for p in (src / "databuild").glob("*.py")})
     for name, forbidden in rules.items():
         bad = sorted(m for m in _imports(src / name) if m.startswith(forbidden))
         assert not bad, f"{name} imports {bad}"

@@ -39,7 +39,7 @@ ROLES = {"sharegpt": {"human": "user", "user": "user", "gpt": "assistant", "assi
                       "system": "system"},
          "messages": {"user": "user", "assistant": "assistant", "system": "system"}}
 TURN_KEYS = {"sharegpt": ("conversations", "from", "value"), "messages": ("messages", "role", "content")}
-# Optional labels that an evaluation set may carry (data/exam): kept as they are, read by medlora.evaluate's scores.
+# Optional labels that an evaluation set may carry (data/exam): kept as they are, read by medlora.eval's scores.
 META_FIELDS = ("kind", "chapter", "disease", "attribute", "layout", "safe_action", "harmful", "triage", "entries", "acceptable",
                "asks")
 NEWLINE = b"\n"

@@ -138,3 +138,41 @@ def supervised_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
         else:
             total = total + _chunk_loss(rows, row_targets, lm_head, softcap)
     return total, int(targets.numel())
+
+
+# --- the mean loss over a set of examples: training's validation loss, evaluation's perplexity ------------------
+
+EVAL_BATCH_TOKENS = 4096  # padded tokens per validation batch (no activations are kept: larger than training's)
+
+
+def validation_loss(model, examples, collate, bf16: bool = False) -> float:
+    """Sum of the supervised tokens' losses over `examples` (tokenized rows: a list or a `datasets.Dataset`) divided
+    by their number: the same value whatever the batching (the Trainer's loop averages per-batch means instead).
+    Cheap: examples sorted by length (little padding), EVAL_BATCH_TOKENS padded tokens a batch, no autograd, bf16
+    autocast when `bf16`. `collate` pads a list of examples into a batch of tensors."""
+    from peft.helpers import disable_input_dtype_casting
+
+    ids = [e["input_ids"] for e in examples] if isinstance(examples, list) else examples["input_ids"]
+    lengths = [len(row) for row in ids]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, batch = [], []
+    for index in order:
+        if batch and lengths[batch[0]] * (len(batch) + 1) > EVAL_BATCH_TOKENS:
+            batches.append(batch)
+            batch = []
+        batch.append(index)
+    batches += [batch] if batch else []
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
+                disable_input_dtype_casting(model, active=bf16):
+            for indices in batches:
+                inputs = collate([examples[i] for i in indices])
+                loss_sum, n_tokens = supervised_loss(model, {k: v.to(device) for k, v in inputs.items()})
+                total, count = total + float(loss_sum), count + int(n_tokens)
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

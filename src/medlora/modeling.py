@@ -351,6 +351,16 @@ def recorded_decoding(folder: str | Path) -> dict:
     return read_adapter_meta(folder).get("decoding") or {}
 
 
+def decoding_for(*folders, **given):
+    """Decoding settings (GenerationArgs): its defaults < the decoding recorded with the first of `folders` (an adapter,
+    a merged model; None skipped) that has one < the settings `given` (entries that are no GenerationArgs field are
+    ignored: a command passes all its flags)."""
+    from medlora.config import GenerationArgs, build_dataclass
+
+    recorded = next((saved for saved in (recorded_decoding(f) for f in folders if f) if saved), {})
+    return build_dataclass(GenerationArgs, {**recorded, **given})
+
+
 def check_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Path:
     """Refuse a folder that is not a usable adapter, with the reason, before loading any weights."""
     path = Path(adapter_dir)

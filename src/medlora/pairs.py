@@ -30,7 +30,8 @@ from pathlib import Path
 from medlora.config import PairArgs, asdict
 from medlora.databuild import build_tagged, load_sources
 from medlora.databuild.patterns import ATTRIBUTE_PATTERNS
-from medlora.evaluate import echoes, fact_scores, is_honest, is_safe, leaks, loops, urges
+from medlora.eval.facts import fact_scores
+from medlora.eval.judges import echoes, is_honest, is_safe, leaks, loops, urges
 from medlora.io import atomic_write_jsonl, atomic_write_text
 
 KINDS = ("facts", "missing", "emergency", "unknown", "calm")

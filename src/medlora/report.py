@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlora.errors import ConfigError
-from medlora.evaluate import per_record_rouge_l, table_cells
+from medlora.eval.metrics import per_record_rouge_l
+from medlora.eval.tables import table_cells
 from medlora.io import atomic_path, atomic_write_text
 
 LOSS_LOG = "loss_log.jsonl"  # written by medlora.train into the training output folder
@@ -107,7 +108,7 @@ def _score(value) -> str:
 
 
 def markdown_metrics(metrics_by_label: dict[str, dict]) -> list[str]:
-    """Every table of `medlora.evaluate.sections`, headline first, each under its own heading."""
+    """Every table of `medlora.eval.tables.sections`, headline first, each under its own heading."""
     lines = []
     for title, columns, rows in table_cells(metrics_by_label):
         lines += [f"### {title}", "", "| model | " + " | ".join(m.header for m in columns) + " |",
@@ -200,7 +201,7 @@ def _h(text) -> str:
 
 
 def html_metrics(metrics_by_label: dict[str, dict]) -> str:
-    """Every table of `medlora.evaluate.sections`, headline first, each under its own heading."""
+    """Every table of `medlora.eval.tables.sections`, headline first, each under its own heading."""
     tables = []
     for title, columns, rows in table_cells(metrics_by_label):
         head = "".join(f"<th>{_h(m.header)}</th>" for m in columns)

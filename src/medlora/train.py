@@ -23,7 +23,7 @@ from medlora import __version__
 from medlora.config import RECOMMENDED_DECODING, DataArgs, LoraArgs, ModelArgs, TrainArgs, asdict
 from medlora.data import load_records, split_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
-from medlora.fastloss import release_buffers, supervised_loss
+from medlora.fastloss import release_buffers, supervised_loss, validation_loss
 from medlora.io import (atomic_write_text, env_int, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
 from medlora.modeling import (GENERATION_CONFIG, MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
@@ -262,9 +262,9 @@ class SupervisedLossTrainer(Trainer):
         return (loss_sum / max(n_tokens, 1)).detach(), None, None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """The validation loss as the mean over all supervised tokens, computed cheaply: examples sorted by length
-        (little padding), EVAL_BATCH_TOKENS tokens a batch, no autograd, bf16 autocast when training in bf16.
-        One process only; under a launcher or DeepSpeed/FSDP the Trainer's own loop runs."""
+        """The validation loss as the mean over all supervised tokens, computed cheaply (fastloss.validation_loss,
+        the loop evaluation's perplexity runs too). One process only; under a launcher or DeepSpeed/FSDP the
+        Trainer's own loop runs."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled or dataset is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -275,37 +275,6 @@ class SupervisedLossTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-
-EVAL_BATCH_TOKENS = 4096  # padded tokens per validation batch (no activations are kept: larger than training's)
-
-
-def validation_loss(model, dataset, collator, bf16: bool = False) -> float:
-    """Sum of the supervised tokens' losses over `dataset` divided by their number: the same value whatever the
-    batching (the Trainer's loop averages per-batch means instead)."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, batch = [], []
-    for index in order:
-        if batch and lengths[batch[0]] * (len(batch) + 1) > EVAL_BATCH_TOKENS:
-            batches.append(batch)
-            batch = []
-        batch.append(index)
-    batches += [batch] if batch else []
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
-                disable_input_dtype_casting(model, active=bf16):
-            for indices in batches:
-                inputs = collator([dataset[i] for i in indices])
-                loss_sum, n_tokens = supervised_loss(model, {k: v.to(device) for k, v in inputs.items()})
-                total, count = total + float(loss_sum), count + int(n_tokens)
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -8,7 +8,7 @@
   `wordings(item)` for scoring an answer, `canonical(word)` for retrieval and for cleaning CMeKG's departments;
 - the ICD-10 chapter names of the knowledge-base schema (`kb/SCHEMA.md`).
 
-Retrieval (medlora.knowledge), data generation (medlora.databuild) and scoring (medlora.evaluate) import their
+Retrieval (medlora.knowledge), data generation (medlora.databuild) and scoring (medlora.eval) import their
 words from here, never from one another.
 """
 
@@ -101,6 +101,7 @@ LETTER = rf"[{LETTERS}]"
 OPEN = r"[(（\[【]"
 CLOSE = r"[)）\]】]"
 MARK = r"[.．、:：)）\]】]"  # what follows an option letter in "A. 肝硬化", "B、", "C）"
+ALONE = r"(?![A-Za-z0-9])"  # an option letter stands alone: "B项" yes, "B12" or "Beta" no
 _OPTION = re.compile(rf"(?:^|(?<=\s)|(?<={OPEN})|(?<=[)）。？?：:，,]))({LETTER})\s*{MARK}\s*(.+?)"
                      rf"(?=\s+{OPEN}?{LETTER}\s*{MARK}|\s*$|\s*\n)", re.M)
 

@@ -81,14 +81,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, GenerationArgs, "generation")
 
 
-def generation_args(args: argparse.Namespace, *folders) -> GenerationArgs:
-    """Decoding settings: GenerationArgs' defaults < the decoding recorded with the first of `folders` (an adapter, a
-    merged model: modeling.recorded_decoding) that has one < the flags given (only given flags are in `args`)."""
-    from medlora.modeling import recorded_decoding
+def generation_args(args: argparse.Namespace, *adapters) -> GenerationArgs:
+    """Decoding settings: GenerationArgs' defaults < the decoding recorded with the first of `adapters`, else with the
+    base model (a merged model; modeling.recorded_decoding) < the flags given (only given flags are in `args`)."""
+    from medlora.modeling import decoding_for
 
-    names = {f.name for f in fields(GenerationArgs)}
-    recorded = next((saved for saved in (recorded_decoding(f) for f in folders if f) if saved), {})
-    return build_dataclass(GenerationArgs, {**{k: v for k, v in recorded.items() if k in names}, **vars(args)})
+    return decoding_for(*adapters, model_args(args).base_model, **vars(args))
 
 
 def model_args(args: argparse.Namespace) -> ModelArgs:

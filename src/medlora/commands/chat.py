@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from medlora.chat import chat_loop, check_streamable
 
     adapter = adapter_path(args)
-    gen = generation_args(args, adapter, args.base_model)
+    gen = generation_args(args, adapter)
     check_streamable(gen)  # before minutes of model loading
     chat_loop(load_generator(args, adapter), gen)
     return 0

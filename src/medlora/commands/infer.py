@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
-                                      add_records_arguments, generation_args, load_generator, positive_int,
-                                      read_records)
+                                      add_records_arguments, generation_args, load_generator,
+                                      positive_int, read_records)
 from medlora.config import str2bool
+from medlora.eval.results import RESULTS
 from medlora.io import claim_output
-
-RESULTS = "results.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,47 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_arguments(parser)
 
 
-def format_block(row: dict) -> str:
-    """The seed's printed block for one record (with a ###history### block for a conversation's earlier turns,
-    and a ###knowledge### block when the prompt had facts)."""
-    lines = []
-    if row.get("history"):
-        lines += ["###history###", *(f"用户: {user}\n助手: {reply}" for user, reply in row["history"])]
-    lines += ["###Instruction###", row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")]
-    if row.get("knowledge") is not None:
-        from medlora.knowledge import Retrieved
-        from medlora.templates import NO_KNOWLEDGE
-
-        found = Retrieved.from_dict(row["knowledge"])
-        lines += ["###knowledge###", found.text() or NO_KNOWLEDGE, *([f"（匹配：{found.why()}）"] if found.matches else [])]
-    if row.get("golden"):
-        lines += ["###golden output###", row["golden"]]
-    lines += ["###model output###", row["output"]]
-    return "\n".join(lines) + "\n"
-
-
-def answer_records(generator, records: list[dict], gen, batch_size: int) -> list[dict]:
-    """results.jsonl rows: the record (its labels such as `kind` too), its golden and model output, timing, and
-    with knowledge on, the entries retrieved for it."""
-    from medlora.data import META_FIELDS
-    from medlora.turns import Turn
-
-    prompts, found = zip(*(generator.prepare(Turn.of(r)) for r in records)) if records else ((), ())
-    answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)
-    return [
-        {"instruction": r["instruction"], "input": r["input"], "golden": r["output"], "output": a.text,
-         **{name: r[name] for name in ("history", "system") if name in r},
-         "tokens": a.n_tokens, "seconds": round(a.seconds, 4), "ended_by_eos": a.ended_by_eos,
-         **{name: r[name] for name in META_FIELDS if name in r},
-         **({"knowledge": f.to_dict()} if f is not None else {})}
-        for r, a, f in zip(records, answers, found)
-    ]
-
-
 def run(args: argparse.Namespace) -> int:
+    from medlora.eval.results import answer_records, format_block
     from medlora.io import atomic_write_jsonl
 
-    gen = generation_args(args, adapter_path(args), args.base_model)
+    gen = generation_args(args, adapter_path(args))
     if args.model_output_dir:
         claim_output("--model_output_dir", args.model_output_dir, {"--instruct_dir": args.instruct_dir})
     records = read_records(args, args.instruct_dir, require_output=False) if args.instruct_dir else None
@@ -87,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         path = atomic_write_jsonl(Path(args.model_output_dir) / RESULTS, rows)
         print(f"[medlora] {len(rows)} results written to {path}", file=sys.stderr)
     if args.metrics:
-        from medlora.evaluate import print_metrics_table, score_results
+        from medlora.eval import print_metrics_table, score_results
 
         print_metrics_table({"model": score_results(rows)})
     return 0

@@ -25,5 +25,5 @@ def run(args: argparse.Namespace) -> int:
     check_bindable(args.host, args.port)
     adapter = adapter_path(args)
     generator = load_generator(args, adapter)
-    launch(build_demo(generator, generation_args(args, adapter, args.base_model)), args.host, args.port)
+    launch(build_demo(generator, generation_args(args, adapter)), args.host, args.port)
     return 0
