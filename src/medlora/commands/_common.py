@@ -47,6 +47,17 @@ def add_adapters_argument(group, help: str) -> None:
     group.add_argument("--lora_weights", action="append", default=[], metavar="[NAME=]DIR", help=help)
 
 
+def add_compared_models_arguments(parser: argparse.ArgumentParser, verb: str):
+    """The model options of the commands that compare a base with adapters side by side (eval, bench); returns the
+    argument group for more options of that kind."""
+    add_dataclass_args(parser, ModelArgs, "model")
+    models = parser.add_argument_group("models to compare")
+    add_adapters_argument(models, f"an adapter folder to {verb} besides the base model (repeatable); labelled by its "
+                                  f"folder name unless NAME= is given")
+    add_template_and_knowledge_arguments(models)
+    return models
+
+
 def add_template_and_knowledge_arguments(group) -> None:
     """--prompt_template, --system and --knowledge, as every command that runs a model declares them."""
     group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,

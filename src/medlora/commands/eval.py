@@ -7,10 +7,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from medlora.commands._common import (add_adapters_argument, add_generation_arguments, add_records_arguments,
-                                      add_template_and_knowledge_arguments, generation_args, model_args, named_paths,
-                                      read_records)
-from medlora.config import ModelArgs, add_dataclass_args, str2bool
+from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, add_records_arguments,
+                                      generation_args, model_args, named_paths, read_records)
+from medlora.config import str2bool
 from medlora.errors import ConfigError
 from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
 from medlora.io import claim_output
@@ -19,14 +18,10 @@ log = logging.getLogger("medlora")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_args(parser, ModelArgs, "model")
-    models = parser.add_argument_group("models to compare")
-    add_adapters_argument(models, "an adapter folder to evaluate besides the base model (repeatable); labelled by "
-                                  "its folder name unless NAME= is given")
+    models = add_compared_models_arguments(parser, "evaluate")
     models.add_argument("--results", nargs="+", default=[], metavar="[NAME=]FILE",
                         help="score existing results.jsonl files instead of generating; labelled by their parent "
                              "folder name unless NAME= is given")
-    add_template_and_knowledge_arguments(models)
     models.add_argument("--base_knowledge", default=None, metavar="SOURCE",
                         help=f"also evaluate the base model prompted with facts from SOURCE (kb, cmekg, both, a file), "
                              f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
