@@ -108,6 +108,12 @@ def test_a_checkpoint_cut_short_is_not_marked_complete(tmp_path):
     assert not (folder / COMPLETE_MARKER).exists()
     assert find_resume_checkpoint(str(tmp_path), "auto", echo=lambda *_: None) is None
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    real = os.statvfs
+    full = lambda path: SimpleNamespace(f_bavail=0, f_frsize=real(path).f_frsize)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "statvfs", full)  # a disk left full: a file may be cut short without any error
+        with pytest.raises(TrainingError, match="no space is left on its disk"):
+            CheckpointMarkerCallback().on_save(args, state, None)
     CheckpointMarkerCallback().on_save(args, state, None)
     assert find_resume_checkpoint(str(tmp_path), "auto", echo=lambda *_: None) == str(folder)
 

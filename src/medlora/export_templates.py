@@ -14,7 +14,6 @@ so no whitespace trimming or brace in a template can change it.
 from __future__ import annotations
 
 import json
-import string
 
 from medlora.templates import Template
 
@@ -24,16 +23,9 @@ def _quoted(text: str) -> str:
 
 
 def _ask(template: Template, question: str) -> str:
-    """prompt_no_input as Go template actions, with `question` (a Go expression) in the {instruction} slot."""
-    out = []
-    for literal, field, _, _ in string.Formatter().parse(template.prompt_no_input):
-        if literal:
-            out.append("{{- " + _quoted(literal) + " }}")
-        if field == "instruction":
-            out.append("{{- " + question + " }}")
-        elif field == "knowledge":
-            out.append("{{- " + _quoted(template.no_knowledge) + " }}")
-    return "".join(out)
+    """prompt_no_input as Go template actions, with `question` (a Go expression) in each {instruction} slot: from
+    `Template.question_parts`, the one description the Jinja chat template is derived from too."""
+    return "".join("{{- " + (question if part is None else _quoted(part)) + " }}" for part in template.question_parts())
 
 
 def ollama_template(template: Template, eos_token: str) -> str:
