@@ -138,7 +138,7 @@ def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
 # Runs `medlora.cli.main` once per case in one fresh process (one torch import for all), capturing what reaches
 # file descriptor 2 and counting AutoModelForCausalLM.from_pretrained calls (weights loaded before the error).
 CLI_DRIVER = r"""
-import json, os, sys, tempfile, traceback
+import json, os, sys, tempfile, time, traceback
 import transformers
 cases, loads = json.load(open(sys.argv[1])), []
 original = transformers.AutoModelForCausalLM.from_pretrained
@@ -156,7 +156,7 @@ for argv in cases:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(err.fileno(), 2)
-        crash = None
+        crash, started = None, time.perf_counter()
         try:
             code = main(argv)
         except BaseException as exc:
@@ -167,7 +167,7 @@ for argv in cases:
             os.close(saved)
         err.seek(0)
         results.append({"code": code, "stderr": err.read().decode("utf-8", "replace"), "crash": crash,
-                        "weights_loaded": len(loads)})
+                        "weights_loaded": len(loads), "seconds": round(time.perf_counter() - started, 2)})
 json.dump(results, open(sys.argv[2], "w"))
 """
 

@@ -146,18 +146,16 @@ def prefer(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArg
         check_compile_toolchain()
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,
                                     echo if is_main_process() else (lambda *_: None))
+    read = {}  # {file: sha256 of what was read}; the pairs are read before the tokenizer loads (a bad file: at once)
+    train_pairs = pair_records(data, knowledge, template, read)
+    val_pairs = (pair_records(DataArgs(**{**asdict(data), "data_path": data.val_data_path}), knowledge, template, read)
+                 if data.val_data_path else [])
     tokenizer = load_tokenizer(model_args.base_model, padding_side="right",
                                trust_remote_code=model_args.trust_remote_code)
-    read = {}  # {file: sha256 of what was read}
-    train_examples, stats = tokenize_pairs(pair_records(data, knowledge, template, read), template, tokenizer,
-                                           data.cutoff_len)
+    train_examples, stats = tokenize_pairs(train_pairs, template, tokenizer, data.cutoff_len)
     if not train_examples:
         raise MedloraError(f"{data.data_path}: no pair left after tokenisation ({stats.summary()})")
-    val_examples = []
-    if data.val_data_path:
-        val_examples, _ = tokenize_pairs(pair_records(DataArgs(**{**asdict(data), "data_path": data.val_data_path}),
-                                                      knowledge, template, read), template, tokenizer,
-                                         data.cutoff_len)
+    val_examples = tokenize_pairs(val_pairs, template, tokenizer, data.cutoff_len)[0] if val_pairs else []
     if is_main_process():
         echo(f"[medlora] {data.data_path}: {stats.summary().replace('records', 'pairs', 1)}; {len(train_examples)} "
              f"pairs for {pref.stage}" + (f", {len(val_examples)} for validation" if val_examples else ""))

@@ -130,19 +130,28 @@ def load_knowledge(data: DataArgs):
     return KnowledgeIndex.load(data.knowledge)
 
 
-def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None):
-    """Tokenised train/validation datasets and what happened on the way, reported before training. With
-    `knowledge` (a KnowledgeIndex), each record gets the facts retrieved for it, the training ones with noise."""
-    from datasets import Dataset
-
-    template = load_template(data.template_name)
-    template.system = data.system
-    read = {}  # {file: sha256 of what was read}, recorded in the adapter's medlora.json
+def read_training_records(data: DataArgs, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """The training and validation records (split off with --val_set_size, or read from --val_data_path), and
+    {file: sha256 of what was read} for the adapter's medlora.json. Read before any tokenizer or model loads, so that
+    a bad file is one line at once."""
+    read = {}
     records = load_records(data.data_path, columns=data.columns or None, data_format=data.data_format, hashes=read)
     train_records, val_records = split_records(records, data.val_set_size, seed) if data.val_set_size else (records, [])
     if data.val_data_path:
         val_records = load_records(data.val_data_path, columns=data.columns or None, data_format=data.data_format,
                                    hashes=read)
+    return train_records, val_records, read
+
+
+def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None, records=None):
+    """Tokenised train/validation datasets and what happened on the way, reported before training. With
+    `knowledge` (a KnowledgeIndex), each record gets the facts retrieved for it, the training ones with noise.
+    `records`: read_training_records' result (read here when not given)."""
+    from datasets import Dataset
+
+    template = load_template(data.template_name)
+    template.system = data.system
+    train_records, val_records, read = records or read_training_records(data, seed)
     if knowledge is not None:
         from medlora.databuild.noise import knowledge_for_training
 
@@ -364,6 +373,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
     """Train a LoRA adapter and save it in `args.output_dir`."""
     set_seed(args.seed)
     check_output_dir(args.output_dir, data)
+    records = read_training_records(data, args.seed)
     knowledge = load_knowledge(data)
     check_cutoff_len(model_args.base_model, data.cutoff_len, model_args.trust_remote_code)
     preflight_target_modules(model_args.base_model, lora.lora_target_modules, model_args.trust_remote_code,
@@ -377,7 +387,7 @@ def finetune(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainA
                                     echo if is_main_process() else (lambda *_: None))
 
     tokenizer = load_tokenizer(model_args.base_model, padding_side="right", trust_remote_code=model_args.trust_remote_code)
-    template, train_ds, val_ds, stats = prepare_datasets(data, tokenizer, args.seed, knowledge)
+    template, train_ds, val_ds, stats = prepare_datasets(data, tokenizer, args.seed, knowledge, records)
     if is_main_process():
         echo(f"[medlora] {stats.summary()}; {len(train_ds)} train / {len(val_ds) if val_ds else 0} validation examples")
 
