@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from medlora.modeling import load_tokenizer
 from medlora.templates import load_template
 from medlora.tokenize import IGNORE_INDEX, tokenize_records
@@ -58,3 +60,19 @@ def test_a_long_conversation_loses_its_oldest_turns_by_binary_search(tiny_model,
                                 cutoff_len=10**6)[0][0]
     assert len(one_more["input_ids"]) > 200  # keeping one more turn would not fit: the fewest were left out
     assert len(renders) <= 16  # 1 + log2(2000) + 1, where dropping turns one by one rendered 1,000+ times
+
+
+def test_a_tokenizer_is_read_once_while_its_files_are_unchanged(tiny_model, tmp_path):
+    import os
+    import shutil
+
+    from medlora.modeling import resolve_model_path
+
+    folder = Path(shutil.copytree(resolve_model_path(tiny_model), tmp_path / "m",
+                                  ignore=shutil.ignore_patterns("*.safetensors")))
+    right, left = load_tokenizer(str(folder)), load_tokenizer(str(folder), padding_side="left")
+    assert right is not left and (right.padding_side, left.padding_side) == ("right", "left")
+    assert right._tokenizer is left._tokenizer  # one vocabulary read, two tokenizers
+    assert right(["a", "bb bb"], padding=True)["input_ids"][0][0] != left(["a", "bb bb"], padding=True)["input_ids"][0][0]
+    os.utime(folder / "tokenizer_config.json", ns=(1, 1))  # its files changed: read again
+    assert load_tokenizer(str(folder))._tokenizer is not right._tokenizer

@@ -133,11 +133,33 @@ def _not_found(name_or_path: str, exc: Exception) -> ModelError:
 MIN_VOCAB = 32  # a real tokenizer has thousands of tokens; an empty one has its special tokens only
 
 
+# Tokenizers loaded in this process, by folder, files and settings: transformers parses Qwen's 151k-token tokenizer in
+# Python (1.5-2 s a time), and one command may load the same one several times (a base and its adapters, eval's models)
+_TOKENIZERS: dict[tuple, object] = {}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
 def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False):
-    """The tokenizer, with a pad token (its own, else EOS: never a hard-coded id)."""
-    from transformers import AutoTokenizer
+    """The tokenizer, with a pad token (its own, else EOS: never a hard-coded id). A tokenizer already loaded from
+    the same unchanged files is copied (a shallow copy: its own padding side, the same vocabulary)."""
+    import copy
 
     path = resolve_model_path(name_or_path)
+    folder = Path(path)
+    stamp = tuple((name, (folder / name).stat().st_mtime_ns, (folder / name).stat().st_size)
+                  for name in TOKENIZER_FILES if (folder / name).is_file()) if folder.is_dir() else None
+    key = (str(folder.resolve()), trust_remote_code, stamp)
+    if stamp is None or key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _read_tokenizer(name_or_path, path, trust_remote_code)
+    tokenizer = copy.copy(_TOKENIZERS[key])
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _read_tokenizer(name_or_path: str, path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
@@ -148,7 +170,6 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_
                          f"the base model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
     return tokenizer
 
 
