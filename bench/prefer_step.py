@@ -32,8 +32,6 @@ def pairs(n: int) -> list[dict]:
 
 
 def compare(base_model: str, n: int = 8, cutoff_len: int = 384) -> dict:
-    import torch
-
     from medlora.config import PreferenceArgs, TrainArgs
     from medlora.modeling import attach_lora, configure_threads, load_base_model, load_tokenizer
     from medlora.prefer import _config, _dataset, _trainer_class, answers_only_on_cpu

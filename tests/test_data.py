@@ -5,7 +5,7 @@ import pytest
 
 from medlora.data import load_records, split_records
 from medlora.errors import DataError
-from conftest import SHARED_DATA, TINY_RECORDS, write_jsonl
+from conftest import SHARED_DATA, TINY_RECORDS
 
 EXPECTED = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in TINY_RECORDS]
 
