@@ -204,11 +204,12 @@ class PairArgs:
     max_new_tokens: int = opt(128, "maximum tokens per sampled answer")
     temperature: float = opt(0.7, "sampling temperature")
     top_p: float = opt(0.95, "nucleus sampling threshold")
-    batch_size: int = opt(32, "rows decoded together")
+    max_batch_size: int = opt(32, "rows decoded together (the server's name)", aliases=("--batch_size",))
 
     def __post_init__(self):
-        if self.per_kind < 1 or self.samples < 2 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("--per_kind, --max_new_tokens and --batch_size must be at least 1, --samples at least 2")
+        if self.per_kind < 1 or self.samples < 2 or self.max_new_tokens < 1 or self.max_batch_size < 1:
+            raise ConfigError("--per_kind, --max_new_tokens and --max_batch_size must be at least 1, --samples at "
+                              "least 2")
         if not (0 < self.temperature < float("inf") and 0 < self.top_p <= 1 and 0 <= self.margin < float("inf")):
             raise ConfigError("--temperature must be above 0, --top_p above 0 and at most 1, --margin 0 or more")
         self.kind_counts()  # checked here, before any model loads

@@ -70,7 +70,7 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
     for data, out in ((REALQ, REALQ_DIR), (EXAM, EXAM_DIR)):
         print(f"[medlora] evaluating base and tuned on {data.relative_to(REPO)}", flush=True)
         args = ["eval", "--base_model", "gemma3-270m", "--lora_weights", f"tuned={ADAPTER}", "--data", str(data),
-                "--out", str(out), "--train_dir", str(ADAPTER), "--batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
+                "--out", str(out), "--train_dir", str(ADAPTER), "--max_batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
         if data == EXAM:  # knowledge without training, beside knowledge-tuning
             args += ["--base_knowledge", "kb"]
         code = medlora(args + (["--limit", str(limit)] if limit else []))
@@ -112,7 +112,7 @@ def run_prefer(limit: int | None = None) -> int:
         sft = sft_dir / "tuned" / "results.jsonl"
         code = medlora(["eval", "--base_model", "gemma3-270m", "--lora_weights", f"dpo={PREFER_DIR / 'adapter'}",
                         *(["--results", f"sft={sft}"] if sft.is_file() and not limit else []), "--data", str(data),
-                        "--out", str(PREFER_DIR / name), "--batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
+                        "--out", str(PREFER_DIR / name), "--max_batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
                        + (["--limit", str(limit)] if limit else []))
         if code:
             return code

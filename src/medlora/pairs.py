@@ -142,7 +142,7 @@ def build_pairs(lora_weights: str, out: str | Path, base_model: str = "gemma3-27
     torch.manual_seed(args.seed)
     echo(f"[medlora] pairs: sampling {args.samples} answers to each of {len(rows)} prompts from {lora_weights}")
     answers = generator.generate([p for p in prompts_text for _ in range(args.samples)], gen,
-                                 batch_size=args.batch_size, progress=True)
+                                 batch_size=args.max_batch_size, progress=True)
     pairs, counts = [], {kind: [0, 0] for kind in KINDS}
     for number, row in enumerate(rows):
         sampled = [{"text": a.text, "ended_by_eos": a.ended_by_eos}

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sets.add_argument("--scoring", choices=SCORINGS, default="loglik",
                       help="loglik: the most likely option letter after the prompt (no parsing); generate: letters "
                            "parsed from a generated answer (default: loglik)")
-    sets.add_argument("--batch_size", type=positive_int, default=8, help="questions run together (default: 8)")
+    sets.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
+                      help="questions run together, as rows of one batch (default: 8; --batch_size is the old "
+                           "spelling)")
     sets.add_argument("--out", "--output_dir", dest="out", default="bench-out",
                       help="folder for metrics.json, report.md and <label>/results.jsonl (default: bench-out)")
     add_generation_arguments(parser)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     subsets = load_subsets(args.benchmark, args.benchmark_dir, args.limit, args.seed)  # checked before any model
     # every model decodes alike (the benchmark's rule, not an adapter's recorded decoding): greedy unless flags say
     gen = build_dataclass(GenerationArgs, vars(args))
-    rows_by_label, models = run_models(model_args(args), adapters, subsets, args.scoring, gen, args.batch_size,
+    rows_by_label, models = run_models(model_args(args), adapters, subsets, args.scoring, gen, args.max_batch_size,
                                        args.prompt_template, args.knowledge, args.system)
     out = Path(args.out)
     for label, rows in rows_by_label.items():

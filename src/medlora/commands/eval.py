@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, add_records_arguments,
-                                      generation_args, model_args, named_paths, read_records)
+                                      generation_args, model_args, named_paths, positive_int,
+                                      read_records)
 from medlora.config import str2bool
 from medlora.errors import ConfigError
 from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
@@ -33,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", "--output_dir", dest="out", default="eval-out",
                     help="folder for metrics.json, the reports and <label>/results.jsonl")
     io.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: all)")
-    io.add_argument("--batch_size", type=int, default=8, help="records generated together (default: 8)")
+    io.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
+                    help="records generated together, as rows of one batch (default: 8; --batch_size is the old "
+                         "spelling)")
     io.add_argument("--perplexity", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
                     help="also compute each model's loss and perplexity on the golden answers")
     io.add_argument("--train_dir", default=None,
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 0 or args.show < 0:
         raise ConfigError("--limit and --show must be ≥ 0")
-    settings = EvalSettings(args.prompt_template, args.knowledge, args.base_knowledge, args.system, args.batch_size,
+    settings = EvalSettings(args.prompt_template, args.knowledge, args.base_knowledge, args.system, args.max_batch_size,
                             args.perplexity, args.answer_cache)
     claim_output("--out", args.out, {"--data": args.data})
     adapters, result_files, generating = model_specs(args)

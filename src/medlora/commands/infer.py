@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_records_arguments(io)
     io.add_argument("--model_output_dir", "--out", "--output_dir", dest="model_output_dir", default=None,
                     help=f"folder for {RESULTS} (instruction, golden, answer)")
-    io.add_argument("--batch_size", type=positive_int, default=8, help="records generated together (default: 8)")
+    io.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
+                    help="records generated together, as rows of one batch (default: 8; --batch_size is the old "
+                         "spelling)")
     io.add_argument("--metrics", type=str2bool, nargs="?", const=True, default=False, metavar="BOOL",
                     help="print the evaluation metrics (ROUGE, BLEU, exact match, MCQ accuracy) after the run")
     add_generation_arguments(parser)
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
         chat_loop(generator, gen, multi_turn=False)
         return 0
-    rows = answer_records(generator, records, gen, args.batch_size)
+    rows = answer_records(generator, records, gen, args.max_batch_size)
     for row in rows:
         print(format_block(row), flush=True)
     if args.model_output_dir:

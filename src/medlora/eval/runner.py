@@ -38,7 +38,7 @@ class EvalSettings:
     """also answer with the base model prompted with facts from this source, labelled base+knowledge"""
     system: str | None = None
     """system text before every record without its own (None: the adapter's, else none)"""
-    batch_size: int = 8
+    max_batch_size: int = 8
     """records generated together"""
     perplexity: bool = False
     """also compute each model's loss and perplexity on the golden answers"""
@@ -46,8 +46,8 @@ class EvalSettings:
     """reuse the base model's answers from an earlier run with the same model, data and settings"""
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError("--batch_size must be at least 1")
+        if self.max_batch_size < 1:
+            raise ConfigError("--max_batch_size must be at least 1")
 
 
 @dataclass
@@ -174,7 +174,7 @@ def answer_all(margs: ModelArgs, models: list[tuple[str, str]], records: list[di
     for label, adapter in models:
         template, knowledge = prompts[label]
         cache = None if adapter or settings.perplexity or not settings.answer_cache else \
-            answer_cache_file(margs, template, knowledge, records, gen, settings.batch_size)
+            answer_cache_file(margs, template, knowledge, records, gen, settings.max_batch_size)
         if cache is not None and cache.is_file():
             log.info("eval: %s's answers are those of an earlier run with the same model, data and settings (%s)",
                      label, cache)
@@ -183,7 +183,7 @@ def answer_all(margs: ModelArgs, models: list[tuple[str, str]], records: list[di
         log.info("eval: answering %d records with %s", len(records), label)
         loaded = load(margs, {"default": adapter} if adapter else {}, knowledge="none", merge=True)
         generator = Generator(loaded.model, loaded.tokenizer, template, knowledge)
-        rows_by_label[label] = answer_records(generator, records, gen, settings.batch_size)
+        rows_by_label[label] = answer_records(generator, records, gen, settings.max_batch_size)
         if cache is not None:
             atomic_write_jsonl(cache, rows_by_label[label])
         if settings.perplexity:
