@@ -121,7 +121,7 @@ def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty (0 bytes)")
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if hashes is not None else None  # only when provenance is asked for
         if suffix == ".parquet":
             rows = _read_parquet(path, digest)
         elif suffix == ".csv":
@@ -434,9 +434,10 @@ def _first_char(path: Path) -> str:
     return head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")[:1]
 
 
-def _read_hashed(path: Path, digest) -> bytes:
+def _read_hashed(path: Path, digest=None) -> bytes:
     raw = path.read_bytes()
-    digest.update(raw)
+    if digest is not None:
+        digest.update(raw)
     return raw
 
 
@@ -457,7 +458,7 @@ def _read_jsonl(path: Path, digest=None) -> Iterator[tuple[str, object]]:
             yield f"line {lineno}", row
 
 
-def _read_json_array(path: Path, digest) -> Iterator[tuple[str, object]]:
+def _read_json_array(path: Path, digest=None) -> Iterator[tuple[str, object]]:
     text = _decode(_read_hashed(path, digest), path).lstrip("\ufeff")
     try:
         rows = json.loads(text, object_pairs_hook=_no_repeated_keys)
@@ -471,7 +472,7 @@ def _read_json_array(path: Path, digest) -> Iterator[tuple[str, object]]:
         yield f"record {index}", row
 
 
-def _read_csv(path: Path, digest) -> Iterator[tuple[str, object]]:
+def _read_csv(path: Path, digest=None) -> Iterator[tuple[str, object]]:
     """Rows as {header: value}; a row with more or fewer values than the header has columns is an error."""
     text = _decode(_read_hashed(path, digest), path).lstrip("\ufeff")
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
@@ -495,7 +496,7 @@ def _read_csv(path: Path, digest) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 
 
-def _read_parquet(path: Path, digest) -> Iterator[tuple[str, object]]:
+def _read_parquet(path: Path, digest=None) -> Iterator[tuple[str, object]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
