@@ -248,17 +248,23 @@ def conversation_fields(row: dict, where: str, data_format: str, require_output:
     return fields
 
 
+def joined_text_parts(parts: list, where: str) -> str:
+    """OpenAI's content parts (`[{"type": "text", "text": ...}, ...]`) as one text, joined by a newline: the one rule
+    for data files and `medlora serve`'s requests. A part that is not text (an image, audio) is a DataError."""
+    for number, part in enumerate(parts, start=1):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(f"{where} part {number}: only text parts ({{\"type\": \"text\", \"text\": ...}}) can "
+                            f"be read, got type {str(kind)[:40]!r}")
+    return "\n".join(part["text"] for part in parts)
+
+
 def turn_text(content, at: str, text_key: str, empty: str = "empty turn") -> str:
     """A turn's non-empty text: a string, or OpenAI's content parts (`[{"type": "text", "text": ...}, ...]`)
     joined by a newline, as `medlora serve` joins a request's; a part that is not text (an image, audio) is refused,
     since nothing could be trained on it. `empty` opens the message for a turn without text."""
     if isinstance(content, list):
-        for number, part in enumerate(content, start=1):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise DataError(f"{at}: '{text_key}' part {number}: only text parts ({{\"type\": \"text\", "
-                                f"\"text\": ...}}) can be read, got type {str(kind)[:40]!r}")
-        content = "\n".join(part["text"] for part in content)
+        content = joined_text_parts(content, f"{at}: '{text_key}'")
     if not isinstance(content, str) or not content.strip():
         raise DataError(f"{at}: {empty} ('{text_key}' must be non-empty text)")
     if not content.isascii():

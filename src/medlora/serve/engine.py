@@ -31,7 +31,8 @@ from transformers import TextIteratorStreamer
 
 from medlora.batching import Finished, Request
 from medlora.config import GenerationArgs
-from medlora.errors import ConfigError
+from medlora.data import joined_text_parts
+from medlora.errors import ConfigError, DataError
 from medlora.generate import Generator
 from medlora.templates import Template, cut_at
 from medlora.turns import Turn
@@ -453,18 +454,16 @@ def check_model_names(base_model: str, adapters: dict[str, str]) -> None:
 # --- chat messages to a prompt -----------------------------------------------------------------------------
 
 def message_text(content) -> str:
-    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts joined as data files'
+    are (`data.joined_text_parts`)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    texts = []
-    for part in content:
-        part = part if isinstance(part, dict) else part.model_dump()
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, "only text content parts are supported", param="messages", code="unsupported_content")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    try:
+        return joined_text_parts([p if isinstance(p, dict) else p.model_dump() for p in content], "messages: content")
+    except DataError as exc:
+        raise APIError(400, str(exc), param="messages", code="unsupported_content") from None
 
 
 def normalise_roles(messages: list[dict]) -> list[tuple[str, str]]:
