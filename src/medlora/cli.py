@@ -65,17 +65,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _actions(command_parser: argparse.ArgumentParser):
+    """The command's actions (`data build`, `data pairs`, ...): its sub-parsers, or None."""
+    return next((a for a in command_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
 def _option_parsers(command_parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """The parsers that hold a command's options: its own, or each of its actions' (`data build`, `data pairs`)."""
-    actions = [a for a in command_parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return list(actions[0].choices.values()) if actions else [command_parser]
+    """The parsers that hold a command's options: its own, or each of its actions'."""
+    actions = _actions(command_parser)
+    return list(actions.choices.values()) if actions else [command_parser]
 
 
 def _options_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the options `args` were read with (the command's, or its action's)."""
     command_parser = parser._subparsers._group_actions[0].choices[args.command]
-    actions = [a for a in command_parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return actions[0].choices[getattr(args, actions[0].dest)] if actions else command_parser
+    actions = _actions(command_parser)
+    return actions.choices[getattr(args, actions.dest)] if actions else command_parser
 
 
 def _command_module(name: str):
