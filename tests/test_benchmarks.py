@@ -91,7 +91,8 @@ def test_multi_token_continuations_are_summed_and_padding_changes_nothing(genera
 
 
 @pytest.mark.parametrize("answer, options, chosen", [
-    # the demo adapter's trained form: restated options, then its choice
+    # the demo adapter's trained form: the letter, then the fact; and the form before it (restated options first)
+    ("答案: B。成人正常体温约为37℃，故选此项。", "ABCD", "B"),
     ("解析: 选项: 35℃(A)、37℃(B)、39℃(C)、41℃(D)。成人正常体温约为37℃，故选此项。\n选择: 37℃(B)\n答案: B", "ABCD", "B"),
     ("答案：BCD", "ABCDE", "BCD"),
     ("正确答案为B、D。", "ABCD", "BD"),

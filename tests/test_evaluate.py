@@ -77,7 +77,9 @@ QUESTION = "肝炎双重感染最可能的并发症是？\nA. 肝癌\nB. 胆囊�
     ("应选 D。", "D"),
     ("答案应为E", "E"),
     ("解析: 最常见的是肝硬化。逐项对照：A. 肝癌：否；B. 胆囊炎：否；C. 肝硬化：是。\n答案: C", "C"),  # an earlier form
-    ("解析: 乙肝最常见的后果之一是肝硬化。肝硬化是选项C。\n答案: C", "C"),  # the built-in form
+    ("答案: C。肝硬化是乙肝最常见的后果之一，故选此项。", "C"),  # the built-in form: the letter, then the fact
+    ("答案: C。肝硬化", "C"),  # cut off after the letter
+    ("解析: 乙肝最常见的后果之一是肝硬化。肝硬化是选项C。\n答案: C", "C"),  # an earlier form
     ("解析: 乙肝最常见的后果之一是肝硬化。肝硬化是选项C。", "C"),  # cut off before 答案
     ("解析: 选项: 肝癌(A)、胆囊炎(B)、肝硬化(C)。乙肝最常见的后果之一是肝硬化。肝硬化是选项C。\n答案: C", "C"),  # restated
     ("解析: 选项: 肝癌(A)、胆囊炎(B)、肝硬化(C)。乙肝最常见的后果之一是肝硬化。", "C"),  # cut off: the fact names C

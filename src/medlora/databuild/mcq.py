@@ -1,12 +1,11 @@
 """Multiple-choice patterns, in the layouts people paste: 4 or 5 options, on the question's line or one a line,
 `A.` / `A、` / `A．` markers, stems with a `（ ）` blank.
 
-The answer restates the offered options with each letter after its text (`选项: 肿瘤科(A)、儿科(B)、…。`), states the
-fact, copies the chosen option out of that list (`选择: 儿科(B)`) and gives the letter (`答案: B`). Each step is one
-small skill for a small model: copy, recall, copy, copy. Restating puts each letter after its text, so the last step
-is a forward copy; only the offered options are restated, so no answer can invent an option. (The step used to be
-the sentence `儿科是选项B。`, which a short training run carried into free-text answers as `…是选项之一`; the copied
-line cannot close a sentence: docs/results-history.md.)
+The answer gives the letter first, then the fact that makes it right, on one line (`答案: B。水痘属于儿科的诊疗范围，
+故选此项。`), as Chinese exam keys are written. The letter comes right after `答案:`, where `medlora bench`'s loglik
+scoring reads it, within the first few tokens of any budget. (Until 2026-12-07 the answer restated every option,
+stated the fact, copied the chosen option out and ended with the letter; the adapter trained so was unparseable in
+39% of its benchmark answers at 64 new tokens: docs/results-history.md.)
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ def layout(rng: random.Random, stem: str, options: list[str]) -> str:
 
 def answer(why: str, options: list[str], chosen: str) -> str:
     letter = LETTERS[options.index(chosen)]
-    listed = "、".join(f"{text}({x})" for x, text in zip(LETTERS, options))
-    return f"解析: 选项: {listed}。{why}\n选择: {chosen}({letter})\n答案: {letter}"
+    return f"答案: {letter}。{why}" if why else f"答案: {letter}"
 
 
 def make(rng: random.Random, stem: str, correct: str, distractors: list[str], why: str) -> tuple[str, str]:
