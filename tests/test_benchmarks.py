@@ -161,6 +161,24 @@ def test_a_subset_we_do_not_commit_names_where_to_put_it(tmp_path):
     assert subset.total == 1 and subset.questions[0].answer == "B"
 
 
+def test_cmmlu_medical_is_read_from_cmmlus_own_csvs(tmp_path):
+    from medlora.benchmarks import CMMLU_MEDICAL
+
+    folder = tmp_path / "cmmlu" / "test"
+    folder.mkdir(parents=True)
+    for k, subject in enumerate(CMMLU_MEDICAL):  # CMMLU's layout: an unnamed index column, then its columns
+        rows = [f"{i},{subject}题{i}？,甲,乙,丙,丁,{'ABCD'[(k + i) % 4]}" for i in range(2)]
+        (folder / f"{subject}.csv").write_text(",Question,A,B,C,D,Answer\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    [subset] = load_subsets(["cmmlu-medical"], str(tmp_path))
+    assert subset.total == 14 and [q.number for q in subset.questions] == list(range(1, 15))
+    first, last = subset.questions[0], subset.questions[-1]
+    assert (first.question, first.options, first.answer) == ("anatomy题0？", dict(zip("ABCD", "甲乙丙丁")), "A")
+    assert (last.question, last.answer) == ("virology题1？", "ABCD"[(6 + 1) % 4])
+    (folder / "genetics.csv").write_text(",Question,A,B,C,D,Answer\n0,题？,甲,乙,丙,丁,E\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{folder}, genetics.csv, line 2: field 'answer' names E")):
+        load_subsets(["cmmlu-medical"], str(tmp_path))
+
+
 def test_the_sample_is_seeded_per_subset(toy_file):
     first = load_subsets(["medqa-mcmle"], limit=5, seed=1)[0].questions
     assert len(first) == 5 and first == load_subsets(["medqa-mcmle"], limit=5, seed=1)[0].questions
@@ -194,6 +212,11 @@ def test_bench_scores_base_and_adapter_side_by_side(tiny_model, tiny_adapter, to
     rows = [json.loads(line) for line in (out / "tuned" / "results.jsonl").read_text().splitlines()]
     assert [r["choice"] == max(r["scores"], key=r["scores"].get) for r in rows] == [True] * 3
     assert "| toy | 3 | 0.233 |" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert page.count('class="record"') == 3 and page.count("<h3>Accuracy</h3>") == 1
+    both = rows + [json.loads(line) for line in (out / "base" / "results.jsonl").read_text().splitlines()]
+    right = sum(r["correct"] for r in both)  # every answer's verdict is on the page, one per model and question
+    assert (page.count("· correct</span>"), page.count("· wrong</span>")) == (right, len(both) - right)
 
 
 

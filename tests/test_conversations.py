@@ -47,13 +47,12 @@ def test_the_three_formats_are_read_as_one_record(tmp_path):
 
 
 BAD = [
-    ("out of order", lambda c: c["conversations"].insert(2, {"from": "human", "value": "又一个问题"}),
-     "turn 3: roles out of order: 'human' where a assistant turn was expected"),
+    ("starts with the assistant", lambda c: c["conversations"].pop(1),
+     "turn 2: the conversation starts with an assistant turn; it must start with the user's"),
+    ("no user turn", lambda c: c.update(conversations=c["conversations"][:1]), "the conversation has no user turn"),
     ("empty turn", lambda c: c["conversations"][3].update(value="  "), "turn 4: empty turn"),
     ("unknown role", lambda c: c["conversations"][1].update({"from": "doctor"}), "turn 2: unknown role 'doctor'"),
     ("ends with the user", lambda c: c["conversations"].pop(), "turn 6: the last turn is the user's"),
-    ("late system", lambda c: c["conversations"].insert(3, {"from": "system", "value": "S"}),
-     "turn 4: a system turn is allowed only first"),
     ("not a list", lambda c: c.update(conversations="你好"), "field 'conversations' must be a non-empty list"),
     ("role a list", lambda c: c["conversations"][1].update({"from": ["human"]}),  # was: unhashable type
      "turn 2: field 'from' must be a string (one of human, user, gpt, assistant, system), got list"),
@@ -70,6 +69,33 @@ def test_a_bad_conversation_is_named_by_file_line_and_turn(tmp_path, name, spoil
         load_records(path)
     text = str(caught.value)
     assert text.startswith(f"{path}: line 2: ") and message in text and len(text) <= 300, text
+
+
+def test_a_data_file_and_a_server_request_with_the_same_messages_give_the_same_turns(tmp_path):
+    """One rule for message order (turns.conversation_turns), as the Jinja and Ollama templates medlora exports
+    render it: consecutive messages of one role are one turn, joined by a newline; system (and developer) messages,
+    wherever they stand, are the system text. A file trains on the turns a request is answered from."""
+    engine = pytest.importorskip("medlora.serve.engine")
+    said = [("system", "你是医生。"), ("user", "头痛三天了。"), ("user", "有点恶心。"), ("assistant", "有发热吗？"),
+            ("developer", "回答要简短。"), ("user", "没有发热。"), ("assistant", "可能是紧张性头痛。"),
+            ("assistant", "注意休息。")]
+    turns = [{"role": role, "content": text} for role, text in said]
+    record = load_records(write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}]))[0]
+    assert record == {"instruction": "没有发热。", "input": "", "output": "可能是紧张性头痛。\n注意休息。",
+                      "system": "你是医生。\n回答要简短。", "history": [["头痛三天了。\n有点恶心。", "有发热吗？"]]}
+    sharegpt_names = {"user": "human", "assistant": "gpt", "system": "system"}
+    as_sharegpt = [{"from": sharegpt_names[role], "value": text} for role, text in said if role != "developer"]
+    assert load_records(write_jsonl(tmp_path / "s.jsonl", [{"conversations": as_sharegpt}]))[0]["history"] == \
+        record["history"]
+    system, question, history = engine.split_conversation(turns[:-2])  # the request asks the last question
+    assert (system, question, history) == (record["system"], record["instruction"],
+                                           [tuple(pair) for pair in record["history"]])
+    # and both refuse a conversation that starts with the assistant, in one line
+    with pytest.raises(DataError, match=r"line 1: turn 2: the conversation starts with an assistant turn"):
+        load_records(write_jsonl(tmp_path / "bad.jsonl", [{"messages": turns[:1] + turns[3:]}]))
+    with pytest.raises(engine.APIError, match="turn 2: the conversation starts with an assistant turn") as caught:
+        engine.split_conversation(turns[:1] + turns[3:-2])
+    assert caught.value.status == 400
 
 
 def test_openai_content_parts_are_the_texts_joined(tmp_path):

@@ -16,10 +16,9 @@ import pytest
 from openai import NotFoundError, OpenAI
 
 from medlora import DISCLAIMER
-from medlora.generate import strip_pieces
 from medlora.loader import template_for
 from medlora.serve.engine import APIError, split_conversation
-from medlora.templates import cut_at
+from medlora.templates.cutting import Cutter, strip_pieces
 from tests.conftest import TINY_RECORDS, run_medlora, running_medlora
 
 API_KEY = "test-key-123"
@@ -75,8 +74,8 @@ def test_split_conversation_returns_the_system_text_and_pairs_turns():
 
 def test_stream_helpers_add_up_to_the_stripped_text():
     assert "".join(strip_pieces(["  ", "\nab", " ", "c  ", "\n"])) == "ab c"
-    assert cut_at("answer. Q: next", ["Q:", "zz"]) == ("answer.", True)
-    assert cut_at("answer", ["Q:"]) == ("answer", False)
+    assert Cutter(("Q:", "zz")).cut("answer. Q: next") == ("answer.", True)
+    assert Cutter(("Q:",)).cut("answer") == ("answer", False)
 
 
 # --- the running server --------------------------------------------------------------------------------------

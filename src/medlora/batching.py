@@ -138,7 +138,8 @@ class RefillLoop:
         stopped = self.stop([row.request.ids + row.tokens for row in rows]) if self.stop else [False] * len(rows)
         keep = []
         for i, (row, stop) in enumerate(zip(rows, stopped)):
-            reason = _ended(row, stop, self.eos_ids)
+            cancelled = row.request.cancel is not None and row.request.cancel.is_set()
+            reason = end_reason(row.tokens, row.request.gen.max_new_tokens, self.eos_ids, stop or cancelled)
             if reason is None:
                 keep.append(i)
             else:
@@ -157,12 +158,15 @@ class RefillLoop:
         return rows, cache, mask, last
 
 
-def _ended(row: _Row, stop: bool, eos_ids: set[int]) -> str | None:
-    if row.tokens and row.tokens[-1] in eos_ids:
+def end_reason(tokens: list[int], max_new_tokens: int, eos_ids: set[int], stopped: bool = False) -> str | None:
+    """Why an answer of `tokens` has ended: "eos" (its latest token ends answers), "stop" (`stopped`: a stop test or
+    a cancel), "length" (`max_new_tokens` reached), or None while it goes on. The one rule for the refill loop and
+    for the server's retry of a failed batch."""
+    if tokens and tokens[-1] in eos_ids:
         return "eos"
-    if stop or (row.request.cancel is not None and row.request.cancel.is_set()):
+    if stopped:
         return "stop"
-    if len(row.tokens) >= row.request.gen.max_new_tokens:
+    if len(tokens) >= max_new_tokens:
         return "length"
     return None
 

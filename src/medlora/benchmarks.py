@@ -17,7 +17,6 @@ Scoring (docs/benchmarks-medical.md):
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -38,6 +37,9 @@ COMMITTED = {"medqa-mcmle": "xmedbench-zh/medqa-mcmle.jsonl", "cmb-single": "xme
 SUITES = {"xmedbench-zh": XMEDBENCH_ZH}
 LOCAL_DIR = REPO_DATA / "local"  # where --benchmark_dir defaults to: git-ignored, for files we may not commit
 APOLLO_COMBINED = "zh.json"  # Apollo's one file of all four subsets, told apart by each record's `source`
+# CMMLU's medical subjects (XMedBench-zh's cmmlu-medical), readable from CMMLU's own CSVs (`,Question,A,B,C,D,Answer`)
+CMMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_medicine", "genetics", "nutrition",
+                 "traditional_chinese_medicine", "virology")
 
 # Our own wording (the sources' prompts were read, not copied): one instruction for every subset, and one for a set
 # whose questions may have several answers.
@@ -51,7 +53,7 @@ LETTER_CHARS = "ABCDEFGHIJ"
 @dataclass(frozen=True)
 class Question:
     subset: str
-    number: int  # the record's line (JSONL) or position (JSON array) in its file, from 1
+    number: int  # the record's position in its file (or folder of CMMLU's files), from 1
     question: str
     options: dict[str, str]  # letter -> text, A, B, … in order
     answer: str  # the right letters, sorted ("D", "BCD")
@@ -80,7 +82,7 @@ def read_questions(path: str | Path, subset: str, source: str | None = None) -> 
     questions = []
     for where, number, record in _records(path):
         if source is None or record.get("source") == source:
-            questions.append(_question(record, subset, f"{path}, {where} {number}", number))
+            questions.append(_question(record, subset, f"{path}, {where}", number))
     if not questions:
         raise DataError(f"{path}: no questions" + (f" with source {source!r}" if source else ""))
     several = any(len(q.answer) > 1 for q in questions)
@@ -88,32 +90,25 @@ def read_questions(path: str | Path, subset: str, source: str | None = None) -> 
 
 
 def _records(path: Path) -> list[tuple[str, int, dict]]:
-    """("line" or "record", its number from 1, the record) for each record of a JSONL file or a JSON array."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise DataError(f"{path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        items = [("record", i, r) for i, r in enumerate(records, 1)]
+    """(where in the file, its position from 1, the record) for each record of a data file as medlora.data reads
+    them (JSONL, a JSON array, CSV; CMMLU's CSV columns `,Question,A,B,C,D,Answer` are understood) or of a folder of
+    CMMLU's CSVs (its medical subjects, `anatomy.csv, line 3`, numbered on across the files)."""
+    from medlora.data import read_rows
+
+    if path.is_dir():
+        items = [(f"{subject}.csv, {where}", record) for subject in CMMLU_MEDICAL
+                 for where, _, record in _records(path / f"{subject}.csv")]
     else:
-        items = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(("line", i, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {i}: not JSON ({exc.msg})") from None
-    for where, number, record in items:
+        items = list(read_rows(path))
+    records = []
+    for number, (where, record) in enumerate(items, 1):
         if not isinstance(record, dict):
-            raise DataError(f"{path}, {where} {number}: a question must be a JSON object with question, options and "
-                            f"answer")
-    return items
+            raise DataError(f"{path}, {where}: a question must be a JSON object with question, options and answer")
+        if "question" not in record and "Question" in record:  # CMMLU's columns
+            record = {"question": record["Question"], "answer": record.get("Answer"),
+                      "options": {x: record[x] for x in LETTER_CHARS if record.get(x) is not None}}
+        records.append((where, number, record))
+    return records
 
 
 def _question(record: dict, subset: str, where: str, number: int) -> Question:
@@ -204,12 +199,17 @@ def _builtin(subset: str, benchmark_dir: str | None) -> tuple[str, Path, str | N
     folder = Path(benchmark_dir) if benchmark_dir else LOCAL_DIR
     if (folder / f"{subset}.jsonl").is_file():
         return subset, folder / f"{subset}.jsonl", None
+    if subset == "cmmlu-medical":  # CMMLU's own CSVs, as its repository lays them out, or the folder of them
+        for csvs in (folder / "cmmlu" / "test", folder / "test", folder):
+            if all((csvs / f"{name}.csv").is_file() for name in CMMLU_MEDICAL):
+                return subset, csvs, None
     if (folder / APOLLO_COMBINED).is_file():
         return subset, folder / APOLLO_COMBINED, subset
     why = ("is not committed (its licence does not allow redistribution)" if subset not in COMMITTED else
            "is missing (medlora installed without the repository's data/ folder)")
+    cmmlu = " nor CMMLU's test/*.csv" if subset == "cmmlu-medical" else ""
     raise ConfigError(f"--benchmark {subset}: the file {why} and {folder} holds neither {subset}.jsonl nor Apollo's "
-                      f"{APOLLO_COMBINED}; give --benchmark_dir DIR or {subset}=FILE (how to get it: "
+                      f"{APOLLO_COMBINED}{cmmlu}; give --benchmark_dir DIR or {subset}=FILE (how to get it: "
                       f"data/benchmarks/README.md), or leave the subset out")
 
 
@@ -330,9 +330,8 @@ def run_models(margs, adapters: list[tuple[str, str]], subsets: list[Subset], sc
     questions = [q for subset in subsets for q in subset.questions]
     rows_by_label, models = {}, {}
     for label, path in [("base", None), *adapters]:
-        generator = Generator.load(margs.base_model, path, prompt_template, margs.dtype, margs.load_8bit,
-                                   margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=True,
-                                   knowledge=knowledge, system=system)
+        generator = Generator.load(margs, path, merge=True, prompt_template=prompt_template, knowledge=knowledge,
+                                   system=system)
         log.info("bench: %s on %d questions (%s)", label, len(questions), scoring)
         started = time.perf_counter()
         if scoring == "loglik":
@@ -378,18 +377,28 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def table_lines(metrics: dict) -> list[str]:
-    """The accuracy table in Markdown: a row per subset and overall, a column per model (and, with generate, the
-    unparseable answers of each)."""
+def table_cells(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The accuracy table: a row per subset and overall, a column per model (and, with generate, the unparseable
+    answers of each)."""
     labels = list(metrics["accuracy"])
     generate = metrics["scoring"] == "generate"
     head = ["set", "questions", "chance", *labels] + ([f"{label} unparseable" for label in labels] if generate else [])
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rows = []
     for name, info in metrics["sets"].items():
-        cells = [f"**{name}**" if name == "overall" else name, str(info["questions"]), _fmt(info["chance"])]
+        cells = [name, str(info["questions"]), _fmt(info["chance"])]
         cells += [_fmt(metrics["accuracy"][label][name]["accuracy"]) for label in labels]
         if generate:
             cells += [str(metrics["accuracy"][label][name]["unparseable"]) for label in labels]
+        rows.append(cells)
+    return head, rows
+
+
+def table_lines(metrics: dict) -> list[str]:
+    """The accuracy table in Markdown, overall in bold."""
+    head, rows = table_cells(metrics)
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for cells in rows:
+        cells = [f"**{cells[0]}**" if cells[0] == "overall" else cells[0], *cells[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -418,6 +427,30 @@ def render_report(metrics: dict) -> str:
         cut = ", ".join(f"{label} {m['overall']['cut_off']}" for label, m in metrics["accuracy"].items())
         lines += ["", f"Answers cut off at {metrics['generation']['max_new_tokens']} new tokens: {cut}."]
     return "\n".join(lines) + "\n"
+
+
+def render_html(metrics: dict, subsets: list[Subset], rows_by_label: dict[str, list[dict]]) -> str:
+    """report.html: the accuracy and models tables, then every question with each model's choice (and, with
+    generate, its answer), filterable."""
+    from medlora.report import render_bench_html
+
+    head, rows = table_cells(metrics)
+    models = [[label, info["base_model"], info["adapter"] or "-", info["template"], info["knowledge"],
+               str(info["seconds"])] for label, info in metrics["models"].items()]
+    tables = [("Accuracy", head, rows),
+              ("Models", ["model", "base", "adapter", "template", "knowledge", "seconds"], models)]
+    by_key = {label: {(r["subset"], r["number"]): r for r in label_rows} for label, label_rows in rows_by_label.items()}
+    questions = []
+    for q in (q for subset in subsets for q in subset.questions):
+        chosen = {}
+        for label, mine in by_key.items():
+            row = mine[(q.subset, q.number)]
+            scores = row.get("scores")
+            text = row.get("output") or ("  ".join(f"{k} {v:.2f}" for k, v in scores.items()) if scores else "")
+            chosen[label] = (row["choice"], row["correct"], text)
+        answer = "、".join(f"{letter}. {q.options[letter]}" for letter in q.answer)
+        questions.append((f"{q.subset} {q.number}", question_prompt(q), answer, chosen))
+    return render_bench_html("medlora bench", describe(metrics), tables, questions)
 
 
 def describe(metrics: dict) -> str:

@@ -108,4 +108,4 @@ def _stream_answer(generator: Generator, prompt: str, gen: GenerationArgs, write
         stop.set()
         write(" [stopped]")
     write("\n")
-    return "".join(pieces).strip()
+    return "".join(pieces)  # the cutter's pieces: stripped already, also when Ctrl-C cut them short

@@ -15,8 +15,18 @@ from medlora.errors import ConfigError
 from medlora.io import check_output_folder
 
 
-def opt(default, help: str, aliases: tuple[str, ...] = (), choices=None):
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+def opt(default, help: str, aliases: tuple[str, ...] = (), choices=None, metavar: str | None = None,
+        default_help: str | None = None):
+    """A field that is also a command-line option: `--NAME` (and `aliases`), with `help`, followed by "(default:
+    `default_help`)", or the default's repr."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, "metavar": metavar,
+                                            "default_help": default_help})
+
+
+def same_option(cls, name: str, default, default_help: str | None = None):
+    """`cls`'s option `name` (its flag, aliases and help, declared once there) with another default: finetune's
+    DataArgs declares PromptArgs' options so."""
+    return field(default=default, metadata={**cls.__dataclass_fields__[name].metadata, "default_help": default_help})
 
 
 @dataclass
@@ -31,14 +41,29 @@ class ModelArgs:
 
 
 @dataclass
+class PromptArgs:
+    """How a model is prompted: its template, the knowledge retrieved into its prompts, its system text. The commands
+    that run a model leave each None: what the adapter (or merged model) records in medlora.json, else the defaults
+    (the one rule: loader.resolve_prompt). finetune's DataArgs declares the same options with its own defaults."""
+
+    prompt_template: str | None = opt(None, "template name (med_template/chinese_med, med_knowledge, alpaca, chat) or "
+                                            "JSON file", aliases=("--template", "--prompt_template_name"),
+                                      metavar="TEMPLATE",
+                                      default_help="the adapter's, else med_template, or med_knowledge with knowledge")
+    knowledge: str | None = opt(None, "put facts retrieved from a knowledge base into the prompt (knowledge-tuning, "
+                                      "docs/knowledge.md): kb, cmekg, both, a JSONL/YAML file, or none",
+                                metavar="SOURCE", default_help="the source the adapter was trained with, else none")
+    system: str | None = opt(None, "system text before every record or conversation without its own", metavar="TEXT",
+                             default_help="the adapter's, else none")
+
+
+@dataclass
 class DataArgs:
     data_path: str = opt("data/medqa/train.jsonl", "training records: .json/.jsonl/.csv/.parquet, a folder, or a "
                                                    "dataset name", aliases=("--data",))
-    prompt_template: str = opt("", "template name (med_template/chinese_med, med_knowledge, alpaca, chat) or JSON "
-                                   "file; default med_template, or med_knowledge with --knowledge",
-                               aliases=("--template", "--prompt_template_name"))
-    knowledge: str = opt("none", "put facts retrieved from a knowledge base into every prompt (knowledge-tuning, "
-                                 "docs/knowledge.md): kb, cmekg, both, a JSONL/YAML file, or none")
+    prompt_template: str = same_option(PromptArgs, "prompt_template", "",
+                                       "med_template, or med_knowledge with --knowledge")
+    knowledge: str = same_option(PromptArgs, "knowledge", "none")
     knowledge_noise: float = opt(0.2, "with --knowledge: the share of training records given an irrelevant, partial "
                                       "or missing entry, so that the model learns to ignore bad facts")
     columns: str = opt("", "map source columns to fields, e.g. instruction=问题,output=回答 (or "
@@ -46,8 +71,7 @@ class DataArgs:
     data_format: str = opt("auto", "record format: alpaca (instruction/input/output, optional history and system), "
                                    "sharegpt (conversations of from/value), messages (role/content), or auto (by the "
                                    "first record of each file)", choices=("auto", "alpaca", "sharegpt", "messages"))
-    system: str = opt("", "system text for every record without its own; recorded in the adapter and used by "
-                          "default at inference")
+    system: str = same_option(PromptArgs, "system", "", "none; recorded in the adapter and used by default at inference")
     train_on_last_turn_only: bool = opt(False, "in conversations, train on the last assistant turn only (default: "
                                                "on every assistant turn)")
     cutoff_len: int = opt(256, "maximum tokens per example (prompt + answer + EOS); longer ones are truncated")
@@ -68,11 +92,11 @@ class DataArgs:
     def knowledge_on(self) -> bool:
         return self.knowledge not in ("", "none")
 
-    @property
-    def template_name(self) -> str:
-        from medlora.templates import KNOWLEDGE_TEMPLATE
-
-        return self.prompt_template or (KNOWLEDGE_TEMPLATE if self.knowledge_on else "med_template")
+    def prompt(self) -> PromptArgs:
+        """These options as the loader reads them: those left at finetune's defaults are not given (None), so that
+        a preference stage that starts from an adapter prompts as the adapter does."""
+        return PromptArgs(self.prompt_template or None, self.knowledge if self.knowledge_on else None,
+                          self.system or None)
 
 
 @dataclass
@@ -290,20 +314,30 @@ def str2bool(value: str | bool) -> bool:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, group_title: str | None = None, skip=()) -> None:
-    """One flag per dataclass field (plus its aliases); booleans accept `--flag`, `--flag true|false`."""
-    group = parser.add_argument_group(group_title or cls.__name__)
+    """One flag per dataclass field, in an argument group of its own."""
+    add_fields(parser.add_argument_group(group_title or cls.__name__), cls, skip)
+
+
+def add_fields(group, cls, skip=()) -> None:
+    """One flag per field of `cls` (plus its aliases) in `group`; booleans accept `--flag`, `--flag true|false`. A
+    flag not given is left out of the namespace (build_dataclass then takes the field's default), except where that
+    default is None: "not given" already."""
     for f in fields(cls):
         if f.name in skip:
             continue
         names = [f"--{f.name}", *f.metadata.get("aliases", ())]
-        kind = type(f.default)
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default!r})"}
+        kind = str if f.default is None else type(f.default)
+        shown = f.metadata.get("default_help") or repr(f.default)
+        kwargs = {"dest": f.name, "default": None if f.default is None else argparse.SUPPRESS,
+                  "help": f"{f.metadata['help']} (default: {shown})"}
         if kind is bool:
             kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
         else:
             kwargs.update(type=kind)
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
         group.add_argument(*names, **kwargs)
 
 
@@ -315,6 +349,22 @@ def build_dataclass(cls, values: dict):
 
 def asdict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def model_and_prompt(model: ModelArgs | str, prompt: PromptArgs | None, keywords: dict
+                     ) -> tuple[ModelArgs, PromptArgs, dict]:
+    """(ModelArgs, PromptArgs, the other keywords) of a loader's arguments: `model` is a ModelArgs or a base model's
+    name, and ModelArgs' and PromptArgs' fields may also come as keywords (`Generator.load("gemma3-270m",
+    dtype="fp32", knowledge="none")`), over those of `model` and `prompt`."""
+    if not isinstance(model, (ModelArgs, str)) or not isinstance(prompt, (PromptArgs, type(None))):
+        raise TypeError("expected a ModelArgs (or a base model's name) and a PromptArgs (or None)")
+    taken = {cls: {name: keywords[name] for name in keywords if name in cls.__dataclass_fields__}
+             for cls in (ModelArgs, PromptArgs)}
+    margs = ModelArgs(model) if isinstance(model, str) else model
+    margs = dataclasses.replace(margs, **taken[ModelArgs])
+    prompt = dataclasses.replace(prompt or PromptArgs(), **taken[PromptArgs])
+    others = {name: value for name, value in keywords.items() if name not in {**taken[ModelArgs], **taken[PromptArgs]}}
+    return margs, prompt, others
 
 
 # --- recipes: `--config recipe.yaml` for every command --------------------------------------------------------

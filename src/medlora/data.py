@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medlora.errors import DataError
+from medlora.turns import conversation_turns
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 # A role name of each format → user/assistant/system
 ROLES = {"sharegpt": {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                       "system": "system"},
-         "messages": {"user": "user", "assistant": "assistant", "system": "system"}}
+         "messages": {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}}
 TURN_KEYS = {"sharegpt": ("conversations", "from", "value"), "messages": ("messages", "role", "content")}
 # Optional labels that an evaluation set may carry (data/exam): kept as they are, read by medlora.eval's scores.
 META_FIELDS = ("kind", "chapter", "disease", "attribute", "layout", "safe_action", "harmful", "triage", "entries", "acceptable",
@@ -115,30 +116,36 @@ def _looks_like_hub_name(name: str) -> bool:
 
 def _iter_file(path: Path, require_output: bool, mapping: dict, data_format: str = "auto",
                pairs: bool = False, hashes: dict | None = None) -> Iterator[dict]:
+    digest = hashlib.sha256() if hashes is not None else None  # only when provenance is asked for
+    fmt = None if data_format == "auto" else data_format
+    for where, row in read_rows(path, digest):
+        if pairs:
+            yield pair_record(row, f"{path}: {where}")
+            continue
+        fmt = fmt or detect_format(row, mapping)
+        yield validate_record(row, f"{path}: {where}", require_output, mapping, fmt)
+    if hashes is not None:  # every byte was read (and hashed as it was read)
+        hashes[str(path)] = digest.hexdigest()
+
+
+def read_rows(path: Path, digest=None) -> Iterator[tuple[str, object]]:
+    """(where, row) for every row of one data file as it is written, unchecked beyond the file's own syntax: JSONL
+    (`line 3`), a JSON array (`record 3`), CSV with a header row (`line 3`) or parquet (`row 3`); each byte goes
+    into `digest` (a hashlib object) as it is read. Bad files are one-line DataErrors naming the file and line."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty (0 bytes)")
-        digest = hashlib.sha256() if hashes is not None else None  # only when provenance is asked for
         if suffix == ".parquet":
-            rows = _read_parquet(path, digest)
+            yield from _read_parquet(path, digest)
         elif suffix == ".csv":
-            rows = _read_csv(path, digest)
+            yield from _read_csv(path, digest)
         elif suffix == ".json" and _first_char(path) == "[":
-            rows = _read_json_array(path, digest)
+            yield from _read_json_array(path, digest)
         else:
-            rows = _read_jsonl(path, digest)
-        fmt = None if data_format == "auto" else data_format
-        for where, row in rows:
-            if pairs:
-                yield pair_record(row, f"{path}: {where}")
-                continue
-            fmt = fmt or detect_format(row, mapping)
-            yield validate_record(row, f"{path}: {where}", require_output, mapping, fmt)
-        if hashes is not None:  # every byte was read (and hashed as it was read)
-            hashes[str(path)] = digest.hexdigest()
+            yield from _read_jsonl(path, digest)
     except OSError as exc:  # unreadable (permissions, a vanished network mount): still the user's to fix
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
@@ -204,15 +211,16 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
 
 def conversation_fields(row: dict, where: str, data_format: str, require_output: bool = True) -> dict:
     """A ShareGPT/messages conversation as alpaca fields: instruction (the last user turn), output (the
-    assistant's answer to it; "" when it has none and none is required), history and system."""
+    assistant's answer to it; "" when it has none and none is required), history and system. The turns are those
+    `medlora serve` makes of the same messages (turns.conversation_turns: one role's consecutive messages are one
+    turn, system messages the system text)."""
     key, role_key, text_key = TURN_KEYS[data_format]
     roles = ROLES[data_format]
     turns = row.get(key)
     if not isinstance(turns, list) or not turns:
         state = "is missing" if key not in row else "must be a non-empty list of turns"
         raise DataError(f"{where}: field '{key}' {state} ({data_format} format)")
-    system, texts, expected = "", [], "user"
-    user_name = next(name for name, role in roles.items() if role == "user")
+    messages = []
     for number, turn in enumerate(turns, start=1):
         at = f"{where}: turn {number}"
         if not isinstance(turn, dict):
@@ -223,20 +231,12 @@ def conversation_fields(row: dict, where: str, data_format: str, require_output:
                             f"{'null' if role is None else type(role).__name__}")
         if role not in roles:
             raise DataError(f"{at}: unknown role {role[:40]!r} in '{role_key}' (known: {', '.join(roles)})")
-        text = turn_text(turn.get(text_key), at, text_key)
-        if roles[role] == "system":
-            if number != 1:
-                raise DataError(f"{at}: a system turn is allowed only first")
-            system = text
-            continue
-        if roles[role] != expected:
-            raise DataError(f"{at}: roles out of order: {role!r} where a {expected} turn was expected (turns "
-                            f"alternate user, assistant, starting with {user_name!r})")
-        texts.append(text)
-        expected = "assistant" if expected == "user" else "user"
-    if not texts:
-        raise DataError(f"{where}: the conversation has no user turn")
-    if expected == "assistant":  # it ends with a user turn
+        messages.append((roles[role], turn_text(turn.get(text_key), at, text_key)))
+    try:
+        system, texts = conversation_turns(messages)  # the server's rule for a request's messages too
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    if len(texts) % 2:  # it ends with a user turn
         if require_output:
             raise DataError(f"{where}: turn {len(turns)}: the last turn is the user's, not the assistant's (nothing "
                             f"to learn from it)")

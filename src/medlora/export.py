@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from medlora import __version__
-from medlora.config import ModelArgs
+from medlora.config import ModelArgs, PromptArgs
 from medlora.errors import ModelError
 from medlora.io import atomic_write_text, check_output_folder, remove_stale_staging, staging_prefix
 from medlora.loader import load
@@ -71,7 +71,8 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     # The reference is the adapter model as it runs in `dtype`; merging in float64 leaves one rounding: the cast
     # of W + BA to `dtype`. The adapter's own knowledge is not needed to merge it.
     margs = ModelArgs(base_model, dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    loaded = load(margs, {"adapter": str(adapter_dir)}, knowledge="none", merge=False, padding_side="right")
+    loaded = load(margs, {"adapter": str(adapter_dir)}, PromptArgs(knowledge="none"), merge=False,
+                  padding_side="right")
     model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.templates["adapter"]
     model.eval().double()
     prompts = [template.build_prompt(q, i, tokenizer) for q, i in CHECK_QUESTIONS]

@@ -10,7 +10,7 @@ import logging
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -53,6 +53,7 @@ class Answer:
     n_tokens: int
     ended_by_eos: bool
     seconds: float
+    cut: bool = False  # a marker ended the text (the template's, or one of the request's stop strings)
 
 
 class StopOnEvent(StoppingCriteria):
@@ -103,19 +104,21 @@ class Generator:
         contiguous_head_input(model)
 
     @classmethod
-    def load(cls, base_model: str, lora_weights: str | None = None, prompt_template: str | None = None,
-             dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
-             allow_pickle: bool = False, merge: bool = True, knowledge: str | None = None,
-             system: str | None = None) -> "Generator":
-        """`knowledge`: kb, cmekg, both, a file, or none; default (as for the template and `system`): what the
-        adapter (or merged model) records."""
-        from medlora.config import ModelArgs
+    def load(cls, model: "ModelArgs | str", lora_weights: str | None = None, prompt: "PromptArgs | None" = None, *,
+             merge: bool = True, **options) -> "Generator":
+        """The base `model` (ModelArgs, or a base model's name) with the adapter `lora_weights`, merged into it when
+        `merge`, prompted as `prompt` says; what it leaves None is what the adapter (or merged model) records
+        (loader.resolve_prompt). ModelArgs' and PromptArgs' fields are also taken as keywords:
+        `Generator.load("gemma3-270m", "runs/mine", dtype="fp32", knowledge="none")`."""
+        from medlora.config import model_and_prompt
         from medlora.loader import load
 
-        margs = ModelArgs(base_model, dtype, load_8bit, load_4bit, trust_remote_code, allow_pickle)
+        margs, prompt, others = model_and_prompt(model, prompt, options)
+        if others:
+            raise TypeError(f"Generator.load() got an unexpected keyword argument {next(iter(others))!r}")
         name = "default"
-        loaded = load(margs, {name: lora_weights} if lora_weights else {}, prompt_template, knowledge, system, merge)
-        name = name if lora_weights else base_model
+        loaded = load(margs, {name: lora_weights} if lora_weights else {}, prompt, merge)
+        name = name if lora_weights else margs.base_model
         return cls(loaded.model, loaded.tokenizer, loaded.templates[name], loaded.knowledge[name])
 
     @property
@@ -239,7 +242,7 @@ class Generator:
                     return [Request(ids[i], gen, tag=i) for i in itertools.islice(waiting, n)]
 
                 def finish(done: Finished) -> None:
-                    answers[done.request.tag] = self._to_answer(done.tokens, done.seconds)
+                    answers[done.request.tag] = self.to_answer(done.tokens, done.seconds)
                     bar.update(1)
 
                 self.refill_loop(batch_size).run(take, finish)
@@ -271,22 +274,24 @@ class Generator:
         output = self.model.generate(**encoded, **self._generate_kwargs(gen, encoded["input_ids"].shape[1]))
         seconds = (time.perf_counter() - started) / len(prompts)
         new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
-        return [self._to_answer(tokens, seconds) for tokens in new_tokens]
+        return [self.to_answer(tokens, seconds) for tokens in new_tokens]
 
-    def _to_answer(self, tokens: list[int], seconds: float) -> Answer:
+    def to_answer(self, tokens: list[int], seconds: float, stops: tuple[str, ...] = ()) -> Answer:
+        """The answer in a row's generated `tokens`: up to its first end token, cut by the template's cutter (at its
+        stop markers and at `stops`), as `pieces` cuts it streamed."""
         ended = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         kept = tokens if ended is None else tokens[:ended]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        # A row stopped by a stop string is padded afterwards, and pad may be EOS: that is not an EOS ending.
-        by_marker = any(marker in text for marker in self.template.stop_strings)
-        by_eos = ended is not None and not by_marker
-        return Answer(self.template.extract_response(text), len(kept) + by_eos, by_eos, seconds)
+        # A row stopped by a template marker is padded afterwards, and pad may be EOS: that is not an EOS ending.
+        by_eos = ended is not None and not self.template.cutter().cut(text)[1]
+        answer, cut = self.template.cutter(stops).cut(text)
+        return Answer(answer, len(kept) + by_eos, by_eos, seconds, cut)
 
     def pieces(self, streamer: TextIteratorStreamer, stop_event: threading.Event, stops: tuple[str, ...] = ()
                ) -> Iterator[str]:
-        """The text of `streamer`'s tokens in pieces, stripped and cut at the template's stop markers and at `stops`;
-        reaching one sets `stop_event`."""
-        return strip_pieces(cut_at_markers(strip_pieces(streamer), [*self.template.stop_strings, *stops], stop_event))
+        """The text of `streamer`'s tokens in pieces, cut by the template's cutter (at its stop markers and at
+        `stops`); reaching one sets `stop_event`."""
+        return self.template.cutter(stops).stream(streamer, stop_event.set)
 
     def stream(self, prompt: str, gen: GenerationArgs, stop_event: threading.Event | None = None,
                stops: tuple[str, ...] = ()) -> Iterator[str]:
@@ -321,46 +326,3 @@ class Generator:
             worker.join()
         if errors:
             raise errors[0]
-
-
-def strip_pieces(pieces: Iterable[str]) -> Iterator[str]:
-    """Text pieces whose concatenation is that of `pieces`, stripped: no leading whitespace, and trailing
-    whitespace held back until more text follows (so a stream adds up to exactly the non-streamed answer)."""
-    held, started = "", False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        text = held + piece
-        body = text.rstrip()
-        held = text[len(body):]
-        if body:
-            yield body
-
-
-def cut_at_markers(pieces, markers: list[str], stop_event: threading.Event) -> Iterator[str]:
-    """Pass text pieces through until a marker appears; hold back what could be a marker's beginning."""
-    markers = [m for m in markers if m]
-    pending = ""
-    for piece in pieces:
-        pending += piece
-        hits = [pending.index(m) for m in markers if m in pending]
-        if hits:
-            head = pending[:min(hits)].rstrip()
-            if head:
-                yield head
-            stop_event.set()
-            for _ in pieces:  # drain so the generating thread can finish
-                pass
-            return
-        keep = max((len(m) - 1 for m in markers), default=0)
-        safe = len(pending)
-        for size in range(min(keep, len(pending)), 0, -1):
-            if any(m.startswith(pending[-size:]) for m in markers):
-                safe = len(pending) - size
-                break
-        if safe:
-            yield pending[:safe]
-            pending = pending[safe:]
-    if pending.strip():
-        yield pending.rstrip()

@@ -1,10 +1,10 @@
 """The one loader of every command that runs a trained model: records (medlora.json, checked by
-modeling.RECORD_SCHEMA) → preflight → knowledge → tokenizer → template → base → adapters.
+modeling.RECORD_SCHEMA) → preflight → knowledge and template → tokenizer → base → adapters.
 
-`load(ModelArgs, adapters)` returns the model with its adapters, the tokenizer, and for the base and each adapter
-(by name) the template, system text and knowledge its prompts use. What the caller does not name comes from the
-adapter's (or merged model's) medlora.json, else the defaults: med_template (med_knowledge with knowledge), no
-system text, no knowledge.
+`load(ModelArgs, adapters, PromptArgs)` returns the model with its adapters, the tokenizer, and for the base and each
+adapter (by name) the template, system text and knowledge its prompts use, by the one rule `resolve_prompt`: what
+PromptArgs names, else what the adapter's (or merged model's) medlora.json records, else the defaults: no knowledge,
+med_template (med_knowledge with knowledge), no system text.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from medlora.config import ModelArgs
+from medlora.config import ModelArgs, PromptArgs
 from medlora.modeling import load_adapter, load_base_model, load_tokenizer, preflight_adapter, read_adapter_meta
 from medlora.templates import KNOWLEDGE_TEMPLATE, Template, load_template
 
@@ -71,6 +71,14 @@ def knowledge_for(spec: str | None, *folders) -> "KnowledgeIndex | None":
     return None
 
 
+def resolve_prompt(prompt: PromptArgs, *folders) -> tuple[Template, "KnowledgeIndex | None"]:
+    """The template (with its system text) and the knowledge a model prompts with: each option `prompt` gives, else
+    what the first of `folders` (an adapter, a merged model, a base; None skipped) that records it has in its
+    medlora.json, else the defaults. The one rule, for every command that runs a model and for training."""
+    index = knowledge_for(prompt.knowledge, *folders)
+    return template_for(prompt.prompt_template, *folders, knowledge=index is not None, system=prompt.system), index
+
+
 @dataclass
 class Loaded:
     """A model ready to answer, with what each of its names (the base, each adapter) prompts with."""
@@ -85,23 +93,23 @@ class Loaded:
         return getattr(self.model.config, "max_position_embeddings", None)
 
 
-def load(margs: ModelArgs, adapters: dict[str, str] | None = None, prompt_template: str | None = None,
-         knowledge: str | None = None, system: str | None = None, merge: bool = True,
-         padding_side: str = "left") -> Loaded:
-    """The base of `margs` with `adapters` ({name: folder}) on it. One adapter is merged into the base when `merge`
-    (not for 8-/4-bit bases); several stay named PeftModel adapters. A bad adapter or knowledge source is refused
-    before any weights load."""
-    adapters = dict(adapters or {})
+def load(margs: ModelArgs, adapters: dict[str, str] | None = None, prompt: PromptArgs | None = None,
+         merge: bool = True, padding_side: str = "left") -> Loaded:
+    """The base of `margs` with `adapters` ({name: folder}) on it, each (and the base) prompted as `prompt` says, else
+    as it records (resolve_prompt). One adapter is merged into the base when `merge` (not for 8-/4-bit bases);
+    several stay named PeftModel adapters. A bad adapter, template or knowledge source is refused before any weights
+    load."""
+    adapters, prompt = dict(adapters or {}), prompt or PromptArgs()
     base = margs.base_model
     for folder in (base, *adapters.values()):  # before anything reads a field of them (the base check below does)
         read_record(folder)
     for path in adapters.values():
         preflight_adapter(path, base, margs.allow_pickle, margs.trust_remote_code)
     folders = {base: [base], **{name: [path, base] for name, path in adapters.items()}}
-    indexes = {name: knowledge_for(knowledge, *where) for name, where in folders.items()}
+    resolved = {name: resolve_prompt(prompt, *where) for name, where in folders.items()}
+    templates = {name: template for name, (template, _) in resolved.items()}
+    indexes = {name: index for name, (_, index) in resolved.items()}
     tokenizer = load_tokenizer(base, padding_side=padding_side, trust_remote_code=margs.trust_remote_code)
-    templates = {name: template_for(prompt_template, *where, knowledge=indexes[name] is not None, system=system)
-                 for name, where in folders.items()}
     model = load_base_model(base, margs.dtype, margs.load_8bit, margs.load_4bit, margs.trust_remote_code)
     for name, path in adapters.items():
         model = load_adapter(model, path, allow_pickle=margs.allow_pickle, adapter_name=name)

@@ -27,7 +27,7 @@ import json
 import random
 from pathlib import Path
 
-from medlora.config import PairArgs, asdict
+from medlora.config import ModelArgs, PairArgs, asdict
 from medlora.databuild import build_tagged, load_sources
 from medlora.databuild.patterns import ATTRIBUTE_PATTERNS
 from medlora.eval.facts import fact_scores
@@ -119,8 +119,8 @@ def choose(row: dict, answers: list[dict], margin: float, index=None) -> dict | 
             "scores": {"chosen": best[0], "rejected": worst[0], "chosen_is_golden": best[1] == row["golden"]}}
 
 
-def build_pairs(lora_weights: str, out: str | Path, base_model: str = "gemma3-270m", args: PairArgs | None = None,
-                echo=print) -> dict:
+def build_pairs(lora_weights: str, out: str | Path, base_model: str | ModelArgs = "gemma3-270m",
+                args: PairArgs | None = None, echo=print) -> dict:
     """Sample, judge and write `out` (JSONL, TRL-compatible prompt fields plus `knowledge` and `scores`); returns
     counts per kind."""
     import torch

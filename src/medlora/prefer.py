@@ -24,7 +24,7 @@ from transformers import set_seed
 from medlora.config import DataArgs, LoraArgs, ModelArgs, PreferenceArgs, TrainArgs, asdict
 from medlora.data import load_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
-from medlora.loader import knowledge_for, recorded_knowledge, template_for
+from medlora.loader import resolve_prompt
 from medlora.modeling import (attach_lora, check_compile_toolchain, compiled_layers, load_adapter, load_base_model,
                               load_tokenizer, preflight_adapter, resolve_dtype)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint
@@ -138,10 +138,7 @@ def prefer(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArg
     if start:
         preflight_adapter(start, model_args.base_model, model_args.allow_pickle, model_args.trust_remote_code)
     # what the prompts look like: the options given, else what the starting adapter was trained with
-    source = data.knowledge if data.knowledge_on or not start else recorded_knowledge(start)
-    knowledge = knowledge_for(source or "none")
-    template = template_for(data.prompt_template or None, *([start] if start else []), knowledge=knowledge is not None,
-                            system=data.system or None)
+    template, knowledge = resolve_prompt(data.prompt(), start)
     if args.torch_compile:
         check_compile_toolchain()
     resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,

@@ -284,3 +284,42 @@ def write_report(out_dir: str | Path, metrics_by_label: dict[str, dict], rows_by
         metrics_by_label, records, LOSS_CURVE if png else None, subtitle))
     written["html"] = atomic_write_text(out_dir / "report.html", render_html(metrics_by_label, records, png, subtitle))
     return written
+
+
+def render_bench_html(title: str, description: str, tables: list[tuple[str, list[str], list[list[str]]]],
+                      questions: list[tuple[str, str, str, dict[str, tuple[str | None, bool, str]]]]) -> str:
+    """`medlora bench`'s report.html: its tables (title, header, rows), then every question (name, prompt, right
+    letters, {model: (letters chosen or None, right, answer text)}), filterable by any text in it (`correct` and
+    `wrong`, `unparseable` are written in each answer's head)."""
+    blocks = []
+    for caption, head, rows in tables:
+        header = "".join(f"<th>{_h(cell)}</th>" for cell in head)
+        body = "".join("<tr>" + "".join(f"<td>{_h(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+        blocks.append(f'<h3>{_h(caption)}</h3><table class="metrics"><thead><tr>{header}</tr></thead>'
+                      f"<tbody>{body}</tbody></table>")
+    records = []
+    for number, (name, prompt, answer, chosen) in enumerate(questions, 1):
+        parts = [f'<section class="record" data-order="{number}"><h3>#{number} {_h(name)}</h3>',
+                 _html_field("Question", prompt), _html_field("Answer", answer, "golden"), '<div class="answers">']
+        for label, (choice, right, text) in chosen.items():
+            verdict = "correct" if right else "unparseable" if choice is None else "wrong"
+            grade = " good" if right else " bad"
+            parts.append(f'<div class="answer"><div class="head"><span>{_h(label)}</span><span class="score{grade}">'
+                         f'{_h(choice or "-")} · {verdict}</span></div><div class="text">{_h(text)}</div></div>')
+        records.append("".join(parts) + "</div></section>")
+    return f"""<!DOCTYPE html>
+<html lang="zh">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_h(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_h(title)}</h1>
+<p class="subtitle">{_h(description)}</p>
+{"".join(blocks)}
+<h2>Questions</h2>
+<div class="controls"><input id="filter" type="search" placeholder="filter: any text, e.g. wrong or a subset">
+<select id="sort"><option value="">original order</option></select><span id="count"></span></div>
+<div id="records">{"".join(records)}</div>
+<script>{_JS}</script>
+</body>
+</html>
+"""

@@ -26,12 +26,12 @@ from medlora.errors import ConfigError, MedloraError, TrainingError
 from medlora.fastloss import release_buffers, supervised_loss, validation_loss
 from medlora.io import (atomic_write_text, env_int, remove_stale_staging, replace_folder_contents,
                         staging_prefix)
+from medlora.loader import template_for
 from medlora.modeling import (GENERATION_CONFIG, MEDLORA_META, attach_lora, base_config, check_compile_toolchain, compiled_layers,
                               load_base_model, load_tokenizer, model_fingerprint, preflight_target_modules,
                               resolve_dtype)
 from medlora.resilience import (CheckpointMarkerCallback, GracefulStopCallback, check_written, find_resume_checkpoint,
                                resume_epoch)
-from medlora.templates import load_template
 from medlora.tokenize import TokenizeStats, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ def prepare_datasets(data: DataArgs, tokenizer, seed: int, knowledge=None, recor
     `records`: read_training_records' result (read here when not given)."""
     from datasets import Dataset
 
-    template = load_template(data.template_name)
-    template.system = data.system
+    template = template_for(data.prompt_template, knowledge=data.knowledge_on, system=data.system)
     train_records, val_records, read = records or read_training_records(data, seed)
     if knowledge is not None:
         from medlora.databuild.noise import knowledge_for_training

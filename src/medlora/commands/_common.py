@@ -1,4 +1,5 @@
-"""Options and loading shared by the commands that run a model."""
+"""Options shared by the commands, each declared once (here, or as a medlora.config dataclass), and the loading of
+the commands that run a model."""
 
 from __future__ import annotations
 
@@ -7,20 +8,72 @@ import socket
 from dataclasses import fields
 from pathlib import Path
 
-from medlora.config import GenerationArgs, ModelArgs, add_dataclass_args, build_dataclass, str2bool
+from medlora.config import (GenerationArgs, ModelArgs, PromptArgs, add_dataclass_args, add_fields, build_dataclass,
+                            str2bool)
 from medlora.errors import ConfigError
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "one") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options of the commands that run one model with an optional adapter (infer, chat, webui)."""
     add_dataclass_args(parser, ModelArgs, "model")
     group = parser.add_argument_group("adapter and template")
-    if adapters == "one":
-        group.add_argument("--lora_weights", default=None, help="LoRA adapter folder (written by finetune)")
-        group.add_argument("--use_lora", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
-                           help="use the adapter given by --lora_weights (default: when --lora_weights is given)")
-    add_template_and_knowledge_arguments(group)
+    add_lora_weights_argument(group)
+    group.add_argument("--use_lora", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                       help="use the adapter given by --lora_weights (default: when --lora_weights is given)")
+    add_prompt_arguments(group)
     group.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                        help="merge the adapter into the base weights for faster inference (default: true)")
+
+
+def add_models_arguments(parser: argparse.ArgumentParser, title: str, adapters_help: str):
+    """The model options of the commands that run a base with several adapters (eval, bench: side by side; serve:
+    each a model); returns the argument group for more options of that kind."""
+    add_dataclass_args(parser, ModelArgs, "model")
+    models = parser.add_argument_group(title)
+    add_lora_weights_argument(models, adapters_help, many=True)
+    add_prompt_arguments(models)
+    return models
+
+
+def add_compared_models_arguments(parser: argparse.ArgumentParser, verb: str):
+    """The model options of the commands that compare a base with adapters side by side (eval, bench)."""
+    return add_models_arguments(parser, "models to compare", f"an adapter folder to {verb} besides the base model "
+                                f"(repeatable); labelled by its folder name unless NAME= is given")
+
+
+def add_prompt_arguments(group, only=None) -> None:
+    """--prompt_template, --knowledge and --system (PromptArgs; `only` these) in `group`, as every command that runs
+    a model takes them; read with `prompt_args`."""
+    add_fields(group, PromptArgs, skip=() if only is None else set(PromptArgs.__dataclass_fields__) - set(only))
+
+
+def add_lora_weights_argument(group, help: str = "LoRA adapter folder (written by finetune)", many: bool = False,
+                              required: bool = False) -> None:
+    """`--lora_weights`, as every command declares it: one adapter folder, or with `many` a repeatable `[NAME=]DIR`
+    (read with `named_paths`). finetune's preference stage takes its own (PreferenceArgs.lora_weights)."""
+    if many:
+        group.add_argument("--lora_weights", action="append", default=[], metavar="[NAME=]DIR", help=help)
+    else:
+        group.add_argument("--lora_weights", default=None, required=required, metavar="DIR", help=help)
+
+
+def add_out_argument(group, help: str, default: str | None = None, required: bool = False, dest: str = "out") -> None:
+    """The output option, as every command but finetune declares it (finetune's TrainArgs.output_dir takes `--out`
+    too): `--out`, also spelt `--output_dir`; a `dest` of another name (infer's `model_output_dir`, also its recipe
+    key) is a spelling too, the first."""
+    names = ["--out", "--output_dir"]
+    if dest not in ("out", "output_dir"):
+        names.insert(0, f"--{dest}")
+    shown = f" (default: {default})" if default else ""
+    group.add_argument(*names, dest=dest, default=default, required=required, help=f"{help}{shown}")
+
+
+def set_option(parser: argparse.ArgumentParser, dest: str, **changes) -> None:
+    """Change an option a dataclass declared, for one command (its default, help, choices, required): merge needs a
+    base model and writes fp32 by default, export's base may be a merged folder."""
+    action = next(action for action in parser._actions if action.dest == dest)
+    for name, value in changes.items():
+        setattr(action, name, value)
 
 
 def named_paths(specs: list[str], flag: str, default_name=lambda path: Path(path.rstrip("/")).name
@@ -39,35 +92,6 @@ def named_paths(specs: list[str], flag: str, default_name=lambda path: Path(path
             raise ConfigError(f"{flag}: the name {name!r} is given twice; name them with NAME=PATH")
         pairs.append((name, path))
     return pairs
-
-
-def add_adapters_argument(group, help: str) -> None:
-    """The repeatable `--lora_weights [NAME=]DIR` of the commands that load several adapters (eval, serve); read
-    with `named_paths`."""
-    group.add_argument("--lora_weights", action="append", default=[], metavar="[NAME=]DIR", help=help)
-
-
-def add_compared_models_arguments(parser: argparse.ArgumentParser, verb: str):
-    """The model options of the commands that compare a base with adapters side by side (eval, bench); returns the
-    argument group for more options of that kind."""
-    add_dataclass_args(parser, ModelArgs, "model")
-    models = parser.add_argument_group("models to compare")
-    add_adapters_argument(models, f"an adapter folder to {verb} besides the base model (repeatable); labelled by its "
-                                  f"folder name unless NAME= is given")
-    add_template_and_knowledge_arguments(models)
-    return models
-
-
-def add_template_and_knowledge_arguments(group) -> None:
-    """--prompt_template, --system and --knowledge, as every command that runs a model declares them."""
-    group.add_argument("--prompt_template", "--template", dest="prompt_template", default=None,
-                       help="template name or JSON file (default: the adapter's, else med_template, or "
-                            "med_knowledge with knowledge)")
-    group.add_argument("--knowledge", default=None, metavar="SOURCE",
-                       help="put facts retrieved from a knowledge base into the prompt: kb, cmekg, both, a JSONL/YAML "
-                            "file, or none (default: the source the adapter was trained with, else none)")
-    group.add_argument("--system", default=None, metavar="TEXT",
-                       help="system text before every conversation without its own (default: the adapter's, else none)")
 
 
 def add_records_arguments(group) -> None:
@@ -104,6 +128,10 @@ def model_args(args: argparse.Namespace) -> ModelArgs:
     return build_dataclass(ModelArgs, vars(args))
 
 
+def prompt_args(args: argparse.Namespace) -> PromptArgs:
+    return build_dataclass(PromptArgs, vars(args))
+
+
 def adapter_path(args: argparse.Namespace) -> str | None:
     """The adapter to load, honouring the seed's --use_lora flag."""
     if args.use_lora is False:
@@ -116,10 +144,7 @@ def adapter_path(args: argparse.Namespace) -> str | None:
 def load_generator(args: argparse.Namespace, lora_weights: str | None = None):
     from medlora.generate import Generator
 
-    margs = model_args(args)
-    return Generator.load(margs.base_model, lora_weights, args.prompt_template, margs.dtype, margs.load_8bit,
-                          margs.load_4bit, margs.trust_remote_code, margs.allow_pickle, merge=args.merge_lora,
-                          knowledge=args.knowledge, system=args.system)
+    return Generator.load(model_args(args), lora_weights, prompt_args(args), merge=args.merge_lora)
 
 
 def _whole_number(value: str, low: int, high: float, expected: str) -> int:

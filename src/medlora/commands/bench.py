@@ -1,5 +1,6 @@
 """`medlora bench`: standard Chinese medical multiple-choice benchmarks (XMedBench-zh, or files of the same shape) on a
-base model and adapters side by side; writes metrics.json, report.md and <label>/results.jsonl, and prints the table."""
+base model and adapters side by side; writes metrics.json, report.md, report.html and <label>/results.jsonl, and
+prints the table."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import logging
 from pathlib import Path
 
-from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, model_args,
-                                      named_paths, positive_int)
+from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, add_out_argument,
+                                      model_args, named_paths, positive_int, prompt_args)
 from medlora.config import GenerationArgs, build_dataclass
 from medlora.errors import ConfigError
 from medlora.io import claim_output
@@ -39,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sets.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
                       help="questions run together, as rows of one batch (default: 8; --batch_size is the old "
                            "spelling)")
-    sets.add_argument("--out", "--output_dir", dest="out", default="bench-out",
-                      help="folder for metrics.json, report.md and <label>/results.jsonl (default: bench-out)")
+    add_out_argument(sets, "folder for metrics.json, report.md and <label>/results.jsonl", "bench-out")
     add_generation_arguments(parser)
     # fp32 unless asked: in bf16 a question's letter scores move by up to 0.1 nat with the questions that share its
     # padded batch (measured on gemma3-270m), which flips close choices; fp32 agrees with one question alone to 1e-4
@@ -61,7 +61,7 @@ def model_labels(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medlora.benchmarks import load_subsets, render_report, run_models, summarise, table_lines
+    from medlora.benchmarks import load_subsets, render_html, render_report, run_models, summarise, table_lines
     from medlora.io import atomic_write_jsonl, atomic_write_text
 
     if args.limit < 0:
@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     subsets = load_subsets(args.benchmark, args.benchmark_dir, args.limit, args.seed)  # checked before any model
     # every model decodes alike (the benchmark's rule, not an adapter's recorded decoding): greedy unless flags say
     gen = build_dataclass(GenerationArgs, vars(args))
+    prompt = prompt_args(args)
     rows_by_label, models = run_models(model_args(args), adapters, subsets, args.scoring, gen, args.max_batch_size,
-                                       args.prompt_template, args.knowledge, args.system)
+                                       prompt.prompt_template, prompt.knowledge, prompt.system)
     out = Path(args.out)
     for label, rows in rows_by_label.items():
         atomic_write_jsonl(out / label / RESULTS, rows)
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                "models": models, **summarise(subsets, rows_by_label, args.scoring)}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_report(metrics))
+    atomic_write_text(out / "report.html", render_html(metrics, subsets, rows_by_label))
     print("\n".join(table_lines(metrics)))
-    log.info("bench: wrote %s, %s and <label>/%s", out / "metrics.json", out / "report.md", RESULTS)
+    log.info("bench: wrote %s, report.md, report.html and <label>/%s", out / "metrics.json", RESULTS)
     return 0

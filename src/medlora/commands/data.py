@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from medlora.config import PairArgs, add_dataclass_args, build_dataclass
+from medlora.commands._common import add_lora_weights_argument, add_out_argument, model_args
+from medlora.config import ModelArgs, PairArgs, add_dataclass_args, build_dataclass
 from medlora.io import claim_output
 
 
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="generate train.jsonl, valid.jsonl and test.jsonl")
     chat = sub.add_parser("chat", help="generate multi-turn conversations (ShareGPT): train.jsonl and test.jsonl")
     for action, out in ((build, "data/medqa"), (chat, "data/medchat")):
-        action.add_argument("--out", default=out, help=f"output folder (default: {out})")
+        add_out_argument(action, "output folder", out)
         action.add_argument("--seed", type=int, default=42, help="random seed (same seed, same files)")
         action.add_argument("--kb", default=None, help="knowledge-base YAML (default: the built-in one)")
         action.add_argument("--source", default="kb", choices=("kb", "cmekg", "both"),
@@ -25,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     pairs = sub.add_parser("pairs", help="preference pairs: answers sampled from an adapter, judged by the knowledge "
                                          "base (chosen = best or golden, rejected = worst)")
-    pairs.add_argument("--lora_weights", required=True, help="the adapter to sample from (e.g. runs/demo/adapter)")
-    pairs.add_argument("--base_model", default="gemma3-270m", help="its base model (default: gemma3-270m)")
-    pairs.add_argument("--out", default="data/pairs/pairs.jsonl", help="output JSONL (default: data/pairs/pairs.jsonl)")
+    add_lora_weights_argument(pairs, "the adapter to sample from (e.g. runs/demo/adapter)", required=True)
+    add_out_argument(pairs, "output JSONL", "data/pairs/pairs.jsonl")
+    add_dataclass_args(pairs, ModelArgs, "model (the adapter's base)")
     add_dataclass_args(pairs, PairArgs, "sampling and judging")
 
 
@@ -58,8 +59,9 @@ def run_pairs(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; give a file name (e.g. {args.out}/pairs.jsonl)")
     claim_output("--out", args.out, {"--lora_weights": args.lora_weights}, folder=False)
-    preflight_adapter(args.lora_weights, args.base_model)
-    counts = build_pairs(args.lora_weights, args.out, args.base_model, settings)
+    margs = model_args(args)
+    preflight_adapter(args.lora_weights, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
+    counts = build_pairs(args.lora_weights, args.out, margs, settings)
     print("[medlora] pairs: " + ", ".join(f"{kind} {c['pairs']}/{c['prompts']}" for kind, c in counts.items())
           + f" (kept/prompts) in {args.out}")
     return 0

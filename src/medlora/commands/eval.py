@@ -7,10 +7,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, add_records_arguments,
-                                      generation_args, model_args, named_paths, positive_int,
-                                      read_records)
-from medlora.config import str2bool
+from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, add_out_argument,
+                                      add_records_arguments, generation_args, model_args, named_paths, positive_int,
+                                      prompt_args, read_records)
+from medlora.config import asdict, str2bool
 from medlora.errors import ConfigError
 from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
 from medlora.io import claim_output
@@ -31,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="records with golden outputs (any finetune data format; for a conversation, the last "
                          "assistant turn)")
     add_records_arguments(io)
-    io.add_argument("--out", "--output_dir", dest="out", default="eval-out",
-                    help="folder for metrics.json, the reports and <label>/results.jsonl")
+    add_out_argument(io, "folder for metrics.json, the reports and <label>/results.jsonl", "eval-out")
     io.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: all)")
     io.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
                     help="records generated together, as rows of one batch (default: 8; --batch_size is the old "
@@ -73,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 0 or args.show < 0:
         raise ConfigError("--limit and --show must be ≥ 0")
-    settings = EvalSettings(args.prompt_template, args.knowledge, args.base_knowledge, args.system, args.max_batch_size,
-                            args.perplexity, args.answer_cache)
+    settings = EvalSettings(**asdict(prompt_args(args)), base_knowledge=args.base_knowledge,
+                            max_batch_size=args.max_batch_size, perplexity=args.perplexity,
+                            answer_cache=args.answer_cache)
     claim_output("--out", args.out, {"--data": args.data})
     adapters, result_files, generating = model_specs(args)
     if args.train_dir:

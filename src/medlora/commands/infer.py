@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments,
-                                      add_records_arguments, generation_args, load_generator,
-                                      positive_int, read_records)
+from medlora.commands._common import (adapter_path, add_generation_arguments, add_model_arguments, add_out_argument,
+                                      add_records_arguments, generation_args, load_generator, positive_int,
+                                      read_records)
 from medlora.config import str2bool
 from medlora.eval.results import RESULTS
 from medlora.io import claim_output
@@ -21,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="records to answer (any finetune data format; in a conversation, the last user turn is "
                          "answered after the turns before it); without it: an interactive prompt")
     add_records_arguments(io)
-    io.add_argument("--model_output_dir", "--out", "--output_dir", dest="model_output_dir", default=None,
-                    help=f"folder for {RESULTS} (instruction, golden, answer)")
+    add_out_argument(io, f"folder for {RESULTS} (instruction, golden, answer)", dest="model_output_dir")
     io.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
                     help="records generated together, as rows of one batch (default: 8; --batch_size is the old "
                          "spelling)")

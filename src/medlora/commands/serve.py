@@ -6,10 +6,8 @@ import argparse
 import logging
 import os
 
-from medlora.commands._common import (add_adapters_argument, add_server_arguments,
-                                      add_template_and_knowledge_arguments, check_bindable, model_args, named_paths,
-                                      positive_int)
-from medlora.config import ModelArgs, add_dataclass_args
+from medlora.commands._common import (add_models_arguments, add_server_arguments, check_bindable, model_args,
+                                      named_paths, positive_int, prompt_args)
 from medlora.errors import ConfigError
 from medlora.serve import LOOPBACK
 
@@ -17,10 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_args(parser, ModelArgs, "model")
-    models = parser.add_argument_group("adapters and template")
-    add_adapters_argument(models, "an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
-    add_template_and_knowledge_arguments(models)
+    add_models_arguments(parser, "adapters and template",
+                         "an adapter served as model NAME (repeatable); a bare DIR is named after its folder")
     server = add_server_arguments(parser, "server", 8000, "this machine only")
     server.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MEDLORA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MEDLORA_API_KEY; unset: no key)")
@@ -50,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--api-key (or $MEDLORA_API_KEY) holds a space or a character outside printable ASCII, which "
                           "no client can send in an Authorization header: every request would get 401")
     check_bindable(args.host, args.port)
-    margs = model_args(args)
-    engine = Engine.load(margs.base_model, dict(named_paths(args.lora_weights, "--lora_weights")),
-                         args.prompt_template, margs.dtype, margs.load_8bit, margs.load_4bit, margs.trust_remote_code,
-                         margs.allow_pickle, knowledge=args.knowledge, system=args.system,
+    engine = Engine.load(model_args(args), dict(named_paths(args.lora_weights, "--lora_weights")), prompt_args(args),
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)
     settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=max_prompt,

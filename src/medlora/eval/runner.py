@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medlora.config import GenerationArgs, ModelArgs
+from medlora.config import GenerationArgs, ModelArgs, PromptArgs
 from medlora.errors import ConfigError, MedloraError
 from medlora.eval.metrics import score_results
 from medlora.eval.results import RESULTS, answer_records, read_results
@@ -27,17 +27,12 @@ log = logging.getLogger("medlora")
 
 
 @dataclass
-class EvalSettings:
-    """How the models are prompted and run: `medlora eval`'s options besides the models, records and decoding."""
+class EvalSettings(PromptArgs):
+    """How the models are prompted (PromptArgs, for every model; None: see `prompting`) and run: `medlora eval`'s
+    options besides the models, records and decoding."""
 
-    prompt_template: str | None = None
-    """template name or JSON file for every model (None: see `prompting`)"""
-    knowledge: str | None = None
-    """knowledge source for every model: kb, cmekg, both, a file, or none (None: see `prompting`)"""
     base_knowledge: str | None = None
     """also answer with the base model prompted with facts from this source, labelled base+knowledge"""
-    system: str | None = None
-    """system text before every record without its own (None: the adapter's, else none)"""
     max_batch_size: int = 8
     """records generated together"""
     perplexity: bool = False
@@ -181,7 +176,7 @@ def answer_all(margs: ModelArgs, models: list[tuple[str, str]], records: list[di
             rows_by_label[label] = read_results(str(cache))
             continue
         log.info("eval: answering %d records with %s", len(records), label)
-        loaded = load(margs, {"default": adapter} if adapter else {}, knowledge="none", merge=True)
+        loaded = load(margs, {"default": adapter} if adapter else {}, PromptArgs(knowledge="none"), merge=True)
         generator = Generator(loaded.model, loaded.tokenizer, template, knowledge)
         rows_by_label[label] = answer_records(generator, records, gen, settings.max_batch_size)
         if cache is not None:

@@ -29,13 +29,13 @@ import torch
 from fastapi.responses import JSONResponse
 from transformers import TextIteratorStreamer
 
-from medlora.batching import Finished, Request
+from medlora.batching import Finished, Request, end_reason
 from medlora.config import GenerationArgs
 from medlora.data import joined_text_parts
 from medlora.errors import ConfigError, DataError
 from medlora.generate import Generator
-from medlora.templates import Template, cut_at
-from medlora.turns import Turn
+from medlora.templates import Template
+from medlora.turns import Turn, conversation_turns
 
 if TYPE_CHECKING:
     from medlora.knowledge import Retrieved
@@ -177,22 +177,22 @@ class Engine:
         self.served = self.generate_calls = 0  # answered requests, and model.generate calls that answered them
 
     @classmethod
-    def load(cls, base_model: str, adapters: dict[str, str] | None = None, prompt_template: str | None = None,
-             dtype: str = "auto", load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
-             allow_pickle: bool = False, knowledge: str | None = None, system: str | None = None,
-             **engine_kwargs) -> "Engine":
-        """Load the base once and put every adapter on it as a named PeftModel adapter. `knowledge` (and the
-        template, and `system`): for every model, else each adapter's own (medlora.json), else none."""
-        from medlora.config import ModelArgs
+    def load(cls, model: "ModelArgs | str", adapters: dict[str, str] | None = None, prompt: "PromptArgs | None" = None,
+             **options) -> "Engine":
+        """Load the base `model` (ModelArgs, or a base model's name) once and put every adapter ({name: folder}) on it
+        as a named PeftModel adapter. `prompt`: for every model; what it leaves None, each adapter's own
+        (medlora.json), else the defaults (loader.resolve_prompt). ModelArgs' and PromptArgs' fields are also taken
+        as keywords; the other keywords are the Engine's (max_batch_size, max_queue, ...)."""
+        from medlora.config import model_and_prompt
         from medlora.loader import load
         from medlora.modeling import load_tokenizer
 
+        margs, prompt, engine_kwargs = model_and_prompt(model, prompt, options)
         adapters = dict(adapters or {})
-        check_model_names(base_model, adapters)
-        margs = ModelArgs(base_model, dtype, load_8bit, load_4bit, trust_remote_code, allow_pickle)
-        loaded = load(margs, adapters, prompt_template, knowledge, system, merge=False)
-        text_tokenizer = load_tokenizer(base_model, padding_side="left", trust_remote_code=trust_remote_code)
-        return cls(loaded.model, loaded.tokenizer, loaded.templates, base_model, text_tokenizer,
+        check_model_names(margs.base_model, adapters)
+        loaded = load(margs, adapters, prompt, merge=False)
+        text_tokenizer = load_tokenizer(margs.base_model, padding_side="left", trust_remote_code=margs.trust_remote_code)
+        return cls(loaded.model, loaded.tokenizer, loaded.templates, margs.base_model, text_tokenizer,
                    context_length=loaded.context_length, knowledge=loaded.knowledge, **engine_kwargs)
 
     # request side (any thread) ----------------------------------------------------------------------------
@@ -306,7 +306,8 @@ class Engine:
         generator = self.generators[name]
         for job in list(self._running):  # they stay in _running meanwhile, so that close() cancels them
             try:
-                if (ended := _ended(job, generator.eos_ids)) is not None:  # the batch failed after its last token
+                ended = end_reason(job.tokens, job.request.gen.max_new_tokens, generator.eos_ids)
+                if ended is not None:  # the batch failed after the answer's last token
                     self._finish(Finished(Request(job.ids, job.request.gen, job), job.tokens, ended, 0.0))
                     continue
                 batches = iter([[self._request(generator, job)]])
@@ -379,10 +380,9 @@ class Engine:
         if job.stream:
             job.end_stream(done)
             return
-        answer = self.generators[job.request.model]._to_answer(job.tokens, done.seconds)
-        text, was_cut = cut_at(answer.text, job.request.stop)
-        reason = "stop" if answer.ended_by_eos or was_cut else "length"
-        job.emit("done", Output(text, answer.n_tokens, reason))
+        answer = self.generators[job.request.model].to_answer(job.tokens, done.seconds, job.request.stop)
+        reason = "stop" if answer.ended_by_eos or answer.cut else "length"
+        job.emit("done", Output(answer.text, answer.n_tokens, reason))
 
     @contextmanager
     def _use_model(self, name: str):
@@ -398,13 +398,6 @@ class Engine:
             context = nullcontext()
         with context:
             yield
-
-
-def _ended(job: _Job, eos_ids: set[int]) -> str | None:
-    """Why the job's answer has ended ("eos" or "length"), or None while it goes on."""
-    if job.tokens and job.tokens[-1] in eos_ids:
-        return "eos"
-    return "length" if len(job.tokens) >= job.request.gen.max_new_tokens else None
 
 
 class _LoopSink:
@@ -483,25 +476,16 @@ def normalise_roles(messages: list[dict]) -> list[tuple[str, str]]:
 def split_conversation(messages: list[dict]) -> tuple[str | None, str, list[tuple[str, str]]]:
     """(system text or None, last user message, earlier (user, assistant) turns).
 
-    System messages are joined with a newline, and so are consecutive messages of one role; a conversation must
-    alternate user/assistant, starting and ending with the user.
+    Message order follows the one rule data files follow (turns.conversation_turns): system messages are joined with
+    a newline into the system text, and so are consecutive messages of one role into one turn; the conversation
+    starts with the user and (here) ends with the user.
     """
-    pairs = normalise_roles(messages)
-    system = "\n".join(text for role, text in pairs if role == "system")
-    turns: list[list[str]] = []
-    for role, text in pairs:
-        if role == "system":
-            continue
-        if turns and turns[-1][0] == role:
-            turns[-1][1] += "\n" + text
-        else:
-            turns.append([role, text])
-    if turns[0][0] != "user":
-        raise APIError(400, "the conversation must start with a user message", param="messages",
-                       code="invalid_messages")
-    texts = [text for _, text in turns]
+    try:
+        system, texts = conversation_turns(normalise_roles(messages))
+    except DataError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from None
     question = required_text(texts[-1], "the last user message", "messages")
-    return system or None, question, list(zip(texts[0:-1:2], texts[1:-1:2]))
+    return system, question, list(zip(texts[0:-1:2], texts[1:-1:2]))
 
 
 def required_text(text: str, what: str, param: str) -> str:

@@ -12,6 +12,9 @@ rendering.
 Knowledge (`--knowledge`, docs/knowledge.md): a template with a `{knowledge}` slot (the built-in `med_knowledge`) gets
 the retrieved facts there, or its `no_knowledge` text when retrieval found none; a template without the slot gets
 them before the instruction, under KNOWLEDGE_HEADER.
+
+Where an answer ends: `Template.cutter()` cuts finished and streamed answers alike at the template's stop markers
+(and a request's stop strings): medlora.templates.cutting.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from medlora.errors import TemplateError
 from medlora.io import read_json_object
+from medlora.templates.cutting import Cutter
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +234,13 @@ class Template:
         headers = [line.strip() for line in self.prompt_no_input.splitlines() if line.strip().startswith("###")]
         return list(dict.fromkeys([self.response_split, *headers] if self.response_split else headers))
 
+    def cutter(self, stops=()) -> Cutter:
+        """The cutter of this template's answers: at its stop markers, and at a request's `stops` too."""
+        return Cutter(tuple(self.stop_strings)).also(stops)
+
     def extract_response(self, generated: str) -> str:
         """The answer in freshly generated text: cut at the first stop marker, stripped."""
-        return cut_at(generated, self.stop_strings)[0].strip()
+        return self.cutter().cut(generated)[0]
 
     def to_dict(self) -> dict:
         return {
@@ -277,16 +285,6 @@ def _control_pattern(tokenizer) -> re.Pattern | None:
 
 
 _CONTROL_PATTERNS: dict[int, tuple] = {}
-
-
-def cut_at(text: str, markers) -> tuple[str, bool]:
-    """`text` up to the first of `markers` (excluded, right-stripped), and whether one was found: the cut of a
-    finished answer at the template's stop markers and at a request's stop strings (a stream is cut as it comes,
-    by medlora.generate.cut_at_markers)."""
-    hits = [text.index(marker) for marker in markers if marker and marker in text]
-    if not hits:
-        return text, False
-    return text[:min(hits)].rstrip(), True
 
 
 SLOTS = ("instruction", "input", "knowledge")
