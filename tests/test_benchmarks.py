@@ -204,9 +204,11 @@ def test_bench_scores_base_and_adapter_side_by_side(tiny_model, tiny_adapter, to
 
     out = tmp_path / "loglik"
     assert main(["bench", "--base_model", tiny_model, "--lora_weights", f"tuned={tiny_adapter}", "--benchmark",
-                 f"toy={toy_file}", "--out", str(out)]) == 0
+                 f"toy={toy_file}", "--base_knowledge", "kb", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics["accuracy"]) == ["base", "tuned"] and metrics["sets"]["toy"]["questions"] == 3
+    assert list(metrics["accuracy"]) == ["base", "base+knowledge", "tuned"] and metrics["sets"]["toy"]["questions"] == 3
+    plain, informed = metrics["models"]["base"], metrics["models"]["base+knowledge"]
+    assert (plain["knowledge"], informed["knowledge"], informed["template"]) == ("none", "kb", "med_knowledge")
     assert metrics["sets"]["overall"]["chance"] == pytest.approx((0.25 + 0.2 + 0.25) / 3, abs=1e-4)
     assert metrics["models"]["tuned"]["adapter"] == str(tiny_adapter)
     rows = [json.loads(line) for line in (out / "tuned" / "results.jsonl").read_text().splitlines()]
@@ -214,7 +216,8 @@ def test_bench_scores_base_and_adapter_side_by_side(tiny_model, tiny_adapter, to
     assert "| toy | 3 | 0.233 |" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert page.count('class="record"') == 3 and page.count("<h3>Accuracy</h3>") == 1
-    both = rows + [json.loads(line) for line in (out / "base" / "results.jsonl").read_text().splitlines()]
+    both = rows + [json.loads(line) for label in ("base", "base+knowledge")
+                   for line in (out / label / "results.jsonl").read_text().splitlines()]
     right = sum(r["correct"] for r in both)  # every answer's verdict is on the page, one per model and question
     assert (page.count("· correct</span>"), page.count("· wrong</span>")) == (right, len(both) - right)
 

@@ -315,10 +315,17 @@ def result_row(q: Question, choice: str | None, **extra) -> dict:
 
 
 def run_models(margs, adapters: list[tuple[str, str]], subsets: list[Subset], scoring: str, gen=None,
-               batch_size: int = 8, prompt_template: str | None = None, knowledge: str | None = None,
-               system: str | None = None) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """The base model, then each adapter merged into a fresh copy of it, on every question of `subsets`:
-    ({label: result rows}, {label: what the model was and how long it took})."""
+               batch_size: int = 8, prompt=None, base_knowledge: str | None = None
+               ) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """The base model (and, with `base_knowledge`, the base prompted with the facts retrieved from that source,
+    labelled base+knowledge), then each adapter merged into a fresh copy of it, on every question of `subsets`:
+    ({label: result rows}, {label: what the model was and how long it took}). `prompt` (PromptArgs): the template,
+    knowledge and system text for every model, else each adapter's own. Retrieval reads the whole question, so an
+    option that names a knowledge-base disease brings that disease's facts too."""
+    from dataclasses import replace as with_fields
+
+    from medlora.config import PromptArgs
+    from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
     from medlora.generate import Generator
     from medlora.loader import recorded_knowledge
     from medlora.modeling import preflight_adapter
@@ -327,11 +334,15 @@ def run_models(margs, adapters: list[tuple[str, str]], subsets: list[Subset], sc
         raise ConfigError(f"--scoring {scoring!r}: expected one of {', '.join(SCORINGS)}")
     for _, path in adapters:  # refuse a bad adapter before spending time on the base model
         preflight_adapter(path, margs.base_model, margs.allow_pickle, margs.trust_remote_code)
+    prompt = prompt or PromptArgs()
+    runs = [("base", None, prompt)]
+    if base_knowledge:
+        runs.append((BASE_KNOWLEDGE_LABEL, None, with_fields(prompt, knowledge=base_knowledge)))
+    runs += [(label, path, prompt) for label, path in adapters]
     questions = [q for subset in subsets for q in subset.questions]
     rows_by_label, models = {}, {}
-    for label, path in [("base", None), *adapters]:
-        generator = Generator.load(margs, path, merge=True, prompt_template=prompt_template, knowledge=knowledge,
-                                   system=system)
+    for label, path, asked in runs:
+        generator = Generator.load(margs, path, asked, merge=True)
         log.info("bench: %s on %d questions (%s)", label, len(questions), scoring)
         started = time.perf_counter()
         if scoring == "loglik":
@@ -339,7 +350,7 @@ def run_models(margs, adapters: list[tuple[str, str]], subsets: list[Subset], sc
         else:
             rows_by_label[label] = score_generate(generator, questions, gen, batch_size)
         models[label] = {"base_model": margs.base_model, "adapter": path, "template": generator.template.name,
-                         "knowledge": knowledge or (recorded_knowledge(path) if path else None) or "none",
+                         "knowledge": asked.knowledge or (recorded_knowledge(path) if path else None) or "none",
                          "seconds": round(time.perf_counter() - started, 1)}
         del generator
     return rows_by_label, models

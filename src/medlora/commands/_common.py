@@ -37,8 +37,14 @@ def add_models_arguments(parser: argparse.ArgumentParser, title: str, adapters_h
 
 def add_compared_models_arguments(parser: argparse.ArgumentParser, verb: str):
     """The model options of the commands that compare a base with adapters side by side (eval, bench)."""
-    return add_models_arguments(parser, "models to compare", f"an adapter folder to {verb} besides the base model "
-                                f"(repeatable); labelled by its folder name unless NAME= is given")
+    from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
+
+    models = add_models_arguments(parser, "models to compare", f"an adapter folder to {verb} besides the base model "
+                                  f"(repeatable); labelled by its folder name unless NAME= is given")
+    models.add_argument("--base_knowledge", default=None, metavar="SOURCE",
+                        help=f"also {verb} the base model prompted with facts from SOURCE (kb, cmekg, both, a file), "
+                             f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
+    return models
 
 
 def add_prompt_arguments(group, only=None) -> None:

@@ -13,6 +13,7 @@ from medlora.commands._common import (add_compared_models_arguments, add_generat
                                       model_args, named_paths, positive_int, prompt_args)
 from medlora.config import GenerationArgs, build_dataclass
 from medlora.errors import ConfigError
+from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
 from medlora.io import claim_output
 
 RESULTS = "results.jsonl"
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sets.add_argument("--max_batch_size", "--batch_size", dest="max_batch_size", type=positive_int, default=8,
                       help="questions run together, as rows of one batch (default: 8; --batch_size is the old "
                            "spelling)")
-    add_out_argument(sets, "folder for metrics.json, report.md and <label>/results.jsonl", "bench-out")
+    add_out_argument(sets, "folder for metrics.json, report.md, report.html and <label>/results.jsonl", "bench-out")
     add_generation_arguments(parser)
     # fp32 unless asked: in bf16 a question's letter scores move by up to 0.1 nat with the questions that share its
     # padded batch (measured on gemma3-270m), which flips close choices; fp32 agrees with one question alone to 1e-4
@@ -54,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def model_labels(args: argparse.Namespace) -> list[tuple[str, str]]:
     adapters = named_paths(args.lora_weights, "--lora_weights")
     for label, _ in adapters:
-        if label in ("", ".", "..", "base") or "\\" in label:
-            raise ConfigError(f"--lora_weights: {label!r} cannot label a model (base is the base model's); choose "
+        if label in ("", ".", "..", "base", BASE_KNOWLEDGE_LABEL) or "\\" in label:
+            raise ConfigError(f"--lora_weights: {label!r} cannot label a model (base and base+knowledge are the base model's); choose "
                               f"one with NAME=DIR")
     return adapters
 
@@ -71,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
     subsets = load_subsets(args.benchmark, args.benchmark_dir, args.limit, args.seed)  # checked before any model
     # every model decodes alike (the benchmark's rule, not an adapter's recorded decoding): greedy unless flags say
     gen = build_dataclass(GenerationArgs, vars(args))
-    prompt = prompt_args(args)
     rows_by_label, models = run_models(model_args(args), adapters, subsets, args.scoring, gen, args.max_batch_size,
-                                       prompt.prompt_template, prompt.knowledge, prompt.system)
+                                       prompt_args(args), args.base_knowledge)
     out = Path(args.out)
     for label, rows in rows_by_label.items():
         atomic_write_jsonl(out / label / RESULTS, rows)

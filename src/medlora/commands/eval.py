@@ -12,7 +12,6 @@ from medlora.commands._common import (add_compared_models_arguments, add_generat
                                       prompt_args, read_records)
 from medlora.config import asdict, str2bool
 from medlora.errors import ConfigError
-from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
 from medlora.io import claim_output
 
 log = logging.getLogger("medlora")
@@ -23,9 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--results", nargs="+", default=[], metavar="[NAME=]FILE",
                         help="score existing results.jsonl files instead of generating; labelled by their parent "
                              "folder name unless NAME= is given")
-    models.add_argument("--base_knowledge", default=None, metavar="SOURCE",
-                        help=f"also evaluate the base model prompted with facts from SOURCE (kb, cmekg, both, a file), "
-                             f"labelled {BASE_KNOWLEDGE_LABEL!r}: knowledge without training")
     io = parser.add_argument_group("input and output")
     io.add_argument("--data", "--instruct_dir", "--data_path", dest="data", default=None,
                     help="records with golden outputs (any finetune data format; for a conversation, the last "
