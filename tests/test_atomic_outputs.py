@@ -2,7 +2,7 @@
 absent (refused as incomplete) — never a mixture that loads.
 
 The real writers are used: `medlora.train.save_adapter`, `medlora.export.merge_adapter`,
-`medlora.io.atomic_write_jsonl` and `medlora.report.write_report`. A worker process (this file run as a script)
+`medlora.io.atomic_write_jsonl` and `medlora.eval.report.write_report`. A worker process (this file run as a script)
 writes two versions A and B of each output as references, then, round after round, forks a child that writes the
 other version and SIGKILLs it:
 
@@ -92,7 +92,7 @@ def results_writer(work: Path):
 
 
 def report_writer(work: Path):
-    from medlora.report import write_report
+    from medlora.eval.report import write_report
 
     train_dir = work / "train"
     train_dir.mkdir()

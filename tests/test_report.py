@@ -9,7 +9,7 @@ import pytest
 
 from medlora.errors import ConfigError
 from medlora.eval.metrics import score_results
-from medlora.report import compare_records, write_report
+from medlora.eval.report import compare_records, write_report
 
 VOID = {"meta", "img", "input", "br", "hr", "link"}
 

@@ -443,7 +443,7 @@ def render_report(metrics: dict) -> str:
 def render_html(metrics: dict, subsets: list[Subset], rows_by_label: dict[str, list[dict]]) -> str:
     """report.html: the accuracy and models tables, then every question with each model's choice (and, with
     generate, its answer), filterable."""
-    from medlora.report import render_bench_html
+    from medlora.eval.report import render_bench_html
 
     head, rows = table_cells(metrics)
     models = [[label, info["base_model"], info["adapter"] or "-", info["template"], info["knowledge"],

@@ -64,7 +64,7 @@ def model_specs(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[t
 def run(args: argparse.Namespace) -> int:
     from medlora.eval import EvalSettings, evaluate, print_metrics_table, read_results
     from medlora.eval.results import format_block
-    from medlora.report import read_loss_log
+    from medlora.eval.report import read_loss_log
 
     if args.limit < 0 or args.show < 0:
         raise ConfigError("--limit and --show must be ≥ 0")

@@ -21,6 +21,10 @@ PAIR_KINDS = ("emergency", "crisis", "harm", "soon", "routine")
 #   emergency 3, crisis 6, harm 6, soon 3, routine 6:         over-triage 0.03, exam safety 0.68 (7 of 38 told to go now)
 # No mix met both targets (≤ 0.05, ≥ 0.9); the safer one is kept: sending a worried writer to the emergency room is
 # the lesser error. (Before the soon and routine registers, emergencies four times gave exam safety 0.92.)
+# Measured again on 2026-12-07 evening, the same mix after only the multiple-choice answers changed: over-triage 0.12,
+# exam safety 0.87. One run of this recipe moves these figures by ~0.05-0.09, so only the ends of the list above differ
+# by more than noise. Emergency answers rewritten to name the danger before the urgent action (measured once, not
+# kept): over-triage 0.02 but exam safety 0.55, the adapter restating the question and drifting into another register.
 TRAIN_COPIES = {"emergency": 4, "crisis": 6, "harm": 6, "soon": 3, "routine": 3}
 
 

@@ -7,8 +7,9 @@
 
 The modules, from the bottom: `mcq` (the option letter an answer chooses), `judges` (leaks, safety, honesty,
 triage, retrieved entries, echo, loops), `facts` (fact-level scores against the knowledge base), `metrics` (ROUGE,
-BLEU, exact match, each record's scores and their aggregation), `tables` (the metrics as tables); above them,
-`results` (results.jsonl rows) and `runner` (models answering, the answer cache, perplexity, `evaluate`).
+BLEU, exact match, each record's scores and their aggregation), `tables` (the metrics as tables), `report`
+(report.md, report.html, the loss curve); above them, `results` (results.jsonl rows) and `runner` (models answering,
+the answer cache, perplexity, `evaluate`).
 """
 
 from medlora.eval.metrics import METRICS, Metric, record_scores, score_results

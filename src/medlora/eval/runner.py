@@ -112,7 +112,7 @@ def report_subtitle(source: str, gen: GenerationArgs | None) -> str:
 def write_outputs(out: Path, done: Evaluation, answered: list[str], train_dir, subtitle: str) -> list[Path]:
     """<label>/results.jsonl of the `answered` labels, metrics.json and the reports; returns the paths of the last."""
     from medlora.io import atomic_write_jsonl, atomic_write_text
-    from medlora.report import write_report
+    from medlora.eval.report import write_report
 
     for label in answered:
         atomic_write_jsonl(out / label / RESULTS, done.rows[label])

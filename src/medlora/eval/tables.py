@@ -1,5 +1,5 @@
 """The metrics as tables: which tables, which columns, the best value of each, and the terminal rendering (the
-reports of medlora.report draw the same tables)."""
+reports of medlora.eval.report draw the same tables)."""
 
 from __future__ import annotations
 
