@@ -82,7 +82,6 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
         f"{by_name['latency_ttft']['ours']:.2f} s, {by_name['latency_stream']['ours']:.1f} tokens/s.",
         *_peer_lines(by_name),
         *_gpu_section(REPO / "docs" / "benchmarks-gpu.json"),
-        *_hand_written("benchmarks-targets.md"),
         "",
         "Raw lines (`bench/run.py` output):",
         "",
@@ -90,7 +89,7 @@ def write_markdown(path: Path, results: dict, lines: list[dict], settings: dict,
         *[json.dumps(line) for line in lines],
         "```",
     ]
-    out += _hand_written("benchmarks-extra.md")
+    out += ["", HAND_WRITTEN, *_hand_written(path)]
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
 
 
@@ -162,10 +161,15 @@ def _gpu_section(path: Path) -> list[str]:
     return ["", "### On a GPU (`bench/gpu/compare.sh`)", "", *gpu_rows(json.loads(path.read_text(encoding="utf-8")))]
 
 
-def _hand_written(name: str) -> list[str]:
-    """A hand-written part of the page (docs/NAME: the analysis against the targets, other benchmarks), if any."""
-    page = REPO / "docs" / name
-    return ["", page.read_text(encoding="utf-8").rstrip()] if page.is_file() else []
+HAND_WRITTEN = "<!-- bench/run.py --write rewrites the page above this line; everything below it is written by hand. -->"
+
+
+def _hand_written(path: Path) -> list[str]:
+    """The page's hand-written part (the analysis against the targets, the other benchmarks): what follows the
+    HAND_WRITTEN line of the page as it is, kept as written."""
+    page = path.read_text(encoding="utf-8") if path.is_file() else ""
+    _, found, kept = page.partition(HAND_WRITTEN)
+    return ["", kept.strip()] if found and kept.strip() else []
 
 
 def main() -> None:

@@ -78,3 +78,12 @@ def test_gpu_rows_compare_ours_with_the_reference():
     assert "| training, supervised tokens/s | 100 / 100 / 100 | 25 / 25 / 25 | 4.00× |" in text
     assert "| training, peak GPU memory (MB, torch allocated) |" in text and "0.50×" in text
     assert "ours 2.5800, reference 2.5900" in text
+
+
+def test_the_pages_hand_written_part_is_kept_and_the_rest_is_rewritten(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    assert report._hand_written(page) == []  # no page yet
+    page.write_text("# Benchmarks\n\nold table\n", encoding="utf-8")
+    assert report._hand_written(page) == []  # no hand-written part
+    page.write_text(f"# Benchmarks\n\nold table\n\n{report.HAND_WRITTEN}\n\n## Round six\n\nby hand\n", encoding="utf-8")
+    assert report._hand_written(page) == ["", "## Round six\n\nby hand"]

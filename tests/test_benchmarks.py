@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 
@@ -177,6 +178,24 @@ def test_cmmlu_medical_is_read_from_cmmlus_own_csvs(tmp_path):
     (folder / "genetics.csv").write_text(",Question,A,B,C,D,Answer\n0,题？,甲,乙,丙,丁,E\n", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{folder}, genetics.csv, line 2: field 'answer' names E")):
         load_subsets(["cmmlu-medical"], str(tmp_path))
+
+
+def test_few_shot_examples_are_solved_questions_of_the_subset_never_asked(generator):
+    plain = load_subsets(["medqa-mcmle"], limit=5, seed=1)[0].questions
+    [subset] = load_subsets(["medqa-mcmle"], limit=5, seed=1, shots=3)
+    examples = subset.questions[0].examples
+    assert len(examples) == 3 and all(q.examples == examples for q in subset.questions)
+    assert not {q.number for q in examples} & {q.number for q in subset.questions}  # shown solved, never scored
+    assert load_subsets(["medqa-mcmle"], limit=5, seed=1, shots=0)[0].questions == plain  # zero-shot: as before
+    prompt = question_prompt(subset.questions[0])
+    assert prompt.count(ANSWER_CUE) == 3 and prompt.endswith(question_prompt(replace(subset.questions[0], examples=())
+                                                                                 ).split("\n", 1)[1])
+    for example in examples:
+        assert f"{example.question}\n" in prompt and f"{ANSWER_CUE} {example.answer}\n" in prompt
+    rows = score_loglik(generator, subset.questions, batch_size=5)  # the longer prompts score as the short ones do
+    assert [r["choice"] in r["scores"] for r in rows] == [True] * 5
+    with pytest.raises(ConfigError, match="--shots 5000: medqa-mcmle has only 3426 questions"):
+        load_subsets(["medqa-mcmle"], shots=5000)
 
 
 def test_the_sample_is_seeded_per_subset(toy_file):

@@ -126,12 +126,12 @@ def test_find_pickle_does_not_import_the_package(monkeypatch, tmp_path):
 
 
 def test_normalise_full_width_dashes_and_spaces():
-    assert cmekg.normalise("  ＣＴ　检查 ") == "CT检查"
-    assert cmekg.normalise("粪—口传播") == "粪-口传播"
-    assert cmekg.normalise("Ｘ线－胸片–正位‐侧位") == "X线-胸片-正位-侧位"
-    assert cmekg.normalise("初发性睡眠障碍［失眠症］") == "初发性睡眠障碍[失眠症]"
-    assert cmekg.normalise("胸部 CT") == "胸部CT"
-    assert cmekg.normalise("Xpert  MTB/RIF") == "Xpert MTB/RIF"
+    assert cmekg.clean_text("  ＣＴ　检查 ") == "CT检查"
+    assert cmekg.clean_text("粪—口传播") == "粪-口传播"
+    assert cmekg.clean_text("Ｘ线－胸片–正位‐侧位") == "X线-胸片-正位-侧位"
+    assert cmekg.clean_text("初发性睡眠障碍［失眠症］") == "初发性睡眠障碍[失眠症]"
+    assert cmekg.clean_text("胸部 CT") == "胸部CT"
+    assert cmekg.clean_text("Xpert  MTB/RIF") == "Xpert MTB/RIF"
 
 
 def test_split_items_lists_etc_fillers_and_fragments():

@@ -134,10 +134,12 @@ def test_kto_turns_each_pair_into_a_desirable_and_an_undesirable_answer(tiny_mod
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     out = tmp_path / "kto"
     proc = run_medlora("finetune", "--stage", "kto", "--base_model", tiny_model, "--data_path", str(data),
-                       "--output_dir", str(out), "--max_steps", "2", *LEARN_FLAGS)
+                       "--output_dir", str(out), "--max_steps", "2", "--knowledge", "kb", *LEARN_FLAGS)
     assert "8 pairs for kto" in proc.stdout and (out / "adapter_model.safetensors").is_file()
     meta = json.loads((out / "medlora.json").read_text())
     assert meta["preference"]["stage"] == "kto" and meta["preference"]["reference"] == "the base model"
+    # with knowledge, the prompts carry the facts and the adapter records where from (as SFT adapters do)
+    assert meta["knowledge"]["source"] == "kb" and meta["template"]["name"] == "med_knowledge"
 
 
 # --- pairs judged by the knowledge base (medlora data pairs, medlora.pairs) ------------------------------------------

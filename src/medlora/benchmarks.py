@@ -58,6 +58,7 @@ class Question:
     options: dict[str, str]  # letter -> text, A, B, … in order
     answer: str  # the right letters, sorted ("D", "BCD")
     several: bool = False  # its set has questions with several answers (they get INSTRUCTION_SEVERAL)
+    examples: tuple["Question", ...] = ()  # solved questions of its subset shown before it (few-shot, --shots)
 
     @property
     def chance(self) -> float:
@@ -213,16 +214,28 @@ def _builtin(subset: str, benchmark_dir: str | None) -> tuple[str, Path, str | N
                       f"data/benchmarks/README.md), or leave the subset out")
 
 
-def load_subsets(specs: list[str], benchmark_dir: str | None = None, limit: int = 0, seed: int = 42) -> list[Subset]:
+def load_subsets(specs: list[str], benchmark_dir: str | None = None, limit: int = 0, seed: int = 42,
+                 shots: int = 0) -> list[Subset]:
     """The subsets named by `specs`, read and checked, each cut to a seeded sample of `limit` questions (0: all).
-    A subset's sample depends on its name and the seed only, so adding a subset leaves the others' alone."""
+    A subset's sample depends on its name and the seed only, so adding a subset leaves the others' alone. With
+    `shots`, that many of a subset's questions (drawn first, seeded) are shown solved before each of its questions
+    and never asked; the sample is drawn from the rest (with 0 shots, the same sample as without)."""
+    if shots < 0:
+        raise ConfigError("--shots must be 0 (zero-shot) or more")
     subsets = []
     for name, path, source in resolve(specs, benchmark_dir):
         questions = read_questions(path, name, source)
-        chosen = questions
-        if 0 < limit < len(questions):
-            picked = sorted(random.Random(f"{seed}:{name}").sample(range(len(questions)), limit))
-            chosen = [questions[i] for i in picked]
+        pool = list(range(len(questions)))
+        examples = ()
+        if shots:
+            if shots >= len(questions):
+                raise ConfigError(f"--shots {shots}: {name} has only {len(questions)} questions")
+            taken = set(random.Random(f"{seed}:{name}:shots").sample(pool, shots))
+            examples = tuple(questions[i] for i in sorted(taken))
+            pool = [i for i in pool if i not in taken]
+        if 0 < limit < len(pool):
+            pool = [pool[i] for i in sorted(random.Random(f"{seed}:{name}").sample(range(len(pool)), limit))]
+        chosen = [replace(questions[i], examples=examples) if examples else questions[i] for i in pool]
         where = f"{path} (source {source})" if source else str(path)
         subsets.append(Subset(name, where, len(questions), chosen))
     return subsets
@@ -232,10 +245,23 @@ def load_subsets(specs: list[str], benchmark_dir: str | None = None, limit: int 
 
 
 def question_prompt(q: Question) -> str:
-    """The user's turn: the instruction, the question and its options, one a line."""
-    lines = [INSTRUCTION_SEVERAL if q.several else INSTRUCTION, q.question]
-    lines += [f"{letter}. {text}" for letter, text in q.options.items()]
-    return "\n".join(lines)
+    """The user's turn: the instruction, the solved examples (each question, its options and `答案: X`), then the
+    question and its options, one a line."""
+    lines = [INSTRUCTION_SEVERAL if q.several else INSTRUCTION]
+    for example in q.examples:
+        lines += [*_question_lines(example), f"{ANSWER_CUE} {example.answer}", ""]
+    return "\n".join(lines + _question_lines(q))
+
+
+def _question_lines(q: Question) -> list[str]:
+    return [q.question, *(f"{letter}. {text}" for letter, text in q.options.items())]
+
+
+def model_prompt(generator, q: Question) -> str:
+    """`q`'s prompt in the model's template; with knowledge, the facts retrieved for the question and its options
+    only, not for the examples before it."""
+    facts = generator.lookup(question_prompt(replace(q, examples=())))
+    return generator.build_prompt(question_prompt(q), retrieved=facts)
 
 
 def letter_continuation(letter: str) -> str:
@@ -284,7 +310,7 @@ def score_loglik(generator, questions: list[Question], batch_size: int = 8) -> l
     from medlora.loglik import continuation_logprobs
 
     tokenizer = generator.tokenizer
-    prompts = [generator.build_prompt(question_prompt(q)) + ANSWER_CUE for q in questions]
+    prompts = [model_prompt(generator, q) + ANSWER_CUE for q in questions]
     letters = {letter for q in questions for letter in q.options}
     cont = {letter: tokenizer(letter_continuation(letter), add_special_tokens=False)["input_ids"] for letter in letters}
     # cut like a generated answer's prompt (the oldest tokens go), leaving room for the longest letter's tokens
@@ -302,7 +328,7 @@ def score_loglik(generator, questions: list[Question], batch_size: int = 8) -> l
 
 def score_generate(generator, questions: list[Question], gen, batch_size: int = 8) -> list[dict]:
     """Each question's generated answer and the letters `parse_answer` reads from it (None: unparseable)."""
-    prompts = [generator.build_prompt(question_prompt(q)) for q in questions]
+    prompts = [model_prompt(generator, q) for q in questions]
     answers = generator.generate(prompts, gen, batch_size=batch_size, progress=True)
     return [result_row(q, parse_answer(a.text, q.options), output=a.text, cut_off=not a.ended_by_eos)
             for q, a in zip(questions, answers)]
@@ -470,4 +496,6 @@ def describe(metrics: dict) -> str:
     how = ("the most likely option letter after the prompt and `答案:` (loglik)" if metrics["scoring"] == "loglik"
            else "letters parsed from a generated answer (generate: " +
            ", ".join(f"{k} {v}" for k, v in metrics["generation"].items()) + ")")
-    return f"Benchmarks {', '.join(metrics['benchmarks'])}: {sample}; scored by {how}."
+    shots = metrics.get("shots") or 0
+    shown = f"{shots} solved questions of the same subset before each (never scored)" if shots else "zero-shot"
+    return f"Benchmarks {', '.join(metrics['benchmarks'])}: {sample}, {shown}; scored by {how}."

@@ -7,7 +7,7 @@ and `safe_load` reads it with an unpickler that refuses every global (only dicts
 can come out of it).
 
 `load_diseases` maps the relations of each disease onto the attribute keys of `kb/SCHEMA.md` (RELATIONS),
-cleans each list (normalise → split → length → not-an-item → wrong role → restates the disease → dedupe →
+cleans each list (clean_text → split → length → not-an-item → wrong role → restates the disease → dedupe →
 rank and cap, one small function each) and keeps a disease only if it has a department and enough facts
 (`CleaningRules`). `merge` puts the curated KB first: a CMeKG disease whose name or an alias clashes with a
 curated one is dropped whole.
@@ -218,7 +218,7 @@ def safe_load(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------- cleaning rules
 
 
-def normalise(text: str) -> str:
+def clean_text(text: str) -> str:
     """NFKC (full-width letters, digits and brackets to half-width), one dash '-', no stray whitespace.
 
     Whitespace next to a Chinese character goes (胸部 CT == 胸部CT); other runs become one space."""
@@ -230,7 +230,7 @@ def split_items(value: str) -> list[str]:
     """One raw value as items: split at 、，；, drop a trailing 等 (乏力等 → 乏力) and a leading filler (甚至发热
     → 发热), and drop fragments of a cut sentence that start with a conjunction (或头鸣)."""
     items = []
-    for part in _SPLIT.split(normalise(value)):
+    for part in _SPLIT.split(clean_text(value)):
         part = part.strip().removesuffix("等等").removesuffix("等").strip()
         for head in _FILLER_HEADS:
             if part.startswith(head) and len(part) > len(head) + 1:
@@ -290,7 +290,7 @@ def rank_and_cap(items: list[str], support: Counter, frequency: Counter, cap: in
 def icd10_code(values) -> str:
     """The first ICD-10 code among `values` as letter + two digits (+ decimals), or "" (ICD-O codes skipped)."""
     for value in values:
-        match = _ICD10.match(normalise(value).upper())
+        match = _ICD10.match(clean_text(value).upper())
         if match:
             return match.group(0)
     return ""
@@ -309,7 +309,7 @@ def clean_department(values) -> str:
     """The first value naming a clinic (ends in 科; 小儿 and 初产妇 do not), in the curated KB's spelling
     (DEPARTMENT_SYNONYMS); "" if none does."""
     for value in values:
-        for part in _SPLIT.split(normalise(value)):
+        for part in _SPLIT.split(clean_text(value)):
             part = part.rsplit("-", 1)[-1].strip().removesuffix("等")  # 内科 — 神经内科 → 神经内科
             part = DEPARTMENT_SYNONYMS.get(part, part)
             if 2 <= len(part) <= 10 and part.endswith("科"):
@@ -372,12 +372,12 @@ class Graph:
         self.entities: dict[str, dict] = {}
         for name, relations in raw.items():
             if isinstance(name, str) and isinstance(relations, dict):
-                self.entities.setdefault(normalise(name), relations)
+                self.entities.setdefault(clean_text(name), relations)
         self.types = {name: entity_type(relations) for name, relations in self.entities.items()}
         # brand or product entity -> its generic product (伊康宁 -> 厄贝沙坦胶囊); bare trade names
-        self.generic_of = {name: normalise(_strings(r.get("通用名"))[0]) for name, r in self.entities.items()
+        self.generic_of = {name: clean_text(_strings(r.get("通用名"))[0]) for name, r in self.entities.items()
                            if self.types[name] == "drug" and _strings(r.get("通用名"))}
-        self.trade_names = {normalise(x) for r in self.entities.values() for x in _strings(r.get("商品名"))}
+        self.trade_names = {clean_text(x) for r in self.entities.values() for x in _strings(r.get("商品名"))}
         self.roles: dict[str, Counter] = {}
         self.frequency: dict[str, Counter] = {key: Counter() for key in LIST_KEYS}
         for relations in self.entities.values():
@@ -569,10 +569,10 @@ def _indications(graph: Graph, rules: CleaningRules) -> dict[str, list[str]]:
 def merge(curated: list[dict], cmekg: list[dict]) -> list[dict]:
     """The curated diseases ("source": "kb") then the CMeKG ones whose name and aliases clash with no curated
     name or alias: on a clash the curated entry wins whole and the CMeKG entry is dropped."""
-    taken = {normalise(x) for d in curated for x in (d["name"], *d.get("aliases", []))}
+    taken = {clean_text(x) for d in curated for x in (d["name"], *d.get("aliases", []))}
     merged = [{**d, "source": "kb"} for d in curated]
     for entry in cmekg:
-        if not {normalise(x) for x in (entry["name"], *entry.get("aliases", []))} & taken:
+        if not {clean_text(x) for x in (entry["name"], *entry.get("aliases", []))} & taken:
             merged.append(entry)
     return merged
 

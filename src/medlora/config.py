@@ -71,7 +71,8 @@ class DataArgs:
     data_format: str = opt("auto", "record format: alpaca (instruction/input/output, optional history and system), "
                                    "sharegpt (conversations of from/value), messages (role/content), or auto (by the "
                                    "first record of each file)", choices=("auto", "alpaca", "sharegpt", "messages"))
-    system: str = same_option(PromptArgs, "system", "", "none; recorded in the adapter and used by default at inference")
+    system: str = same_option(PromptArgs, "system", "",
+                              "none; recorded in the adapter and used by default at inference")
     train_on_last_turn_only: bool = opt(False, "in conversations, train on the last assistant turn only (default: "
                                                "on every assistant turn)")
     cutoff_len: int = opt(256, "maximum tokens per example (prompt + answer + EOS); longer ones are truncated")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medlora import DISCLAIMER
 from medlora.cli import main as medlora
+from medlora.config import RECOMMENDED_DECODING
 from medlora.io import data_file_hashes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,10 +28,11 @@ REALQ = REPO / "data" / "realq" / "realq.jsonl"
 REALQ_DIR = REPO / "runs" / "demo" / "realq"
 EXAM = REPO / "data" / "exam" / "exam.jsonl"
 EXAM_DIR = REPO / "runs" / "demo" / "exam"
-# Greedy, with OpenAI's frequency penalty on the answer's own tokens: after 10 minutes of training the adapter still
-# falls into list loops (`贫血、贫血、…`) on about 7% of the answers; a flat repetition penalty of 1.1 freed few of
-# them, a penalty growing with each repeat frees them all (measured on the demo adapter: README, Results).
-DECODING = ["--max_new_tokens", "128", "--frequency_penalty", "0.3"]
+# The recommended decoding (config.RECOMMENDED_DECODING, as the adapter records it) for every model of the demo, the
+# base included: greedy, with OpenAI's frequency penalty on the answer's own tokens: after 10 minutes of training the
+# adapter still falls into list loops (`贫血、贫血、…`) on about 7% of the answers; a flat repetition penalty of 1.1
+# freed few of them, a penalty growing with each repeat frees them all (measured on the demo adapter: README).
+DECODING = [part for key, value in RECOMMENDED_DECODING.items() for part in (f"--{key}", str(value))]
 # 32 rows decode together: a decode step reads every weight once (Gemma's 262k-row LM head is 62% of the bytes), so
 # on a 2-core CPU a step of 32 rows costs 1.15-1.24x one of 16, and the exam's answers came 1.12-1.15x (tuned) and
 # 1.28-1.34x (base) faster than with 16 (bench/eval_rows.py; docs/benchmarks.md, round five).

@@ -25,6 +25,7 @@ from medlora.templates import END_OF_TURN_TOKENS, Template
 from medlora.turns import Turn
 
 if TYPE_CHECKING:
+    from medlora.config import ModelArgs, PromptArgs
     from medlora.knowledge import KnowledgeIndex, Retrieved
 
 logger = logging.getLogger(__name__)

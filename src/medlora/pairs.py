@@ -125,7 +125,7 @@ def build_pairs(lora_weights: str, out: str | Path, base_model: str | ModelArgs 
     counts per kind."""
     import torch
 
-    from medlora.config import GenerationArgs
+    from medlora.config import RECOMMENDED_DECODING, GenerationArgs
     from medlora.generate import Generator
 
     args = args or PairArgs()
@@ -138,7 +138,7 @@ def build_pairs(lora_weights: str, out: str | Path, base_model: str | ModelArgs 
     prompts_text = [generator.template.build_prompt(r["instruction"], r["input"], generator.tokenizer, (),
                                                     r["knowledge"]) for r in rows]
     gen = GenerationArgs(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                         top_p=args.top_p, top_k=0, frequency_penalty=0.3)
+                         top_p=args.top_p, top_k=0, frequency_penalty=RECOMMENDED_DECODING["frequency_penalty"])
     torch.manual_seed(args.seed)
     echo(f"[medlora] pairs: sampling {args.samples} answers to each of {len(rows)} prompts from {lora_weights}")
     answers = generator.generate([p for p in prompts_text for _ in range(args.samples)], gen,

@@ -24,7 +24,7 @@ from transformers import set_seed
 from medlora.config import DataArgs, LoraArgs, ModelArgs, PreferenceArgs, TrainArgs, asdict
 from medlora.data import load_records
 from medlora.errors import ConfigError, MedloraError, TrainingError
-from medlora.loader import resolve_prompt
+from medlora.loader import recorded_knowledge, resolve_prompt
 from medlora.modeling import (attach_lora, check_compile_toolchain, compiled_layers, load_adapter, load_base_model,
                               load_tokenizer, preflight_adapter, resolve_dtype)
 from medlora.resilience import CheckpointMarkerCallback, GracefulStopCallback, find_resume_checkpoint
@@ -194,6 +194,7 @@ def prefer(model_args: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArg
     if trainer.is_world_process_zero():
         meta = adapter_metadata(model_args, data, lora, args, template, model, read)
         if knowledge is not None:
+            source = data.prompt().knowledge or recorded_knowledge(start)  # what resolve_prompt took
             meta["knowledge"] = {"source": source, "sha256": knowledge.sha256}
         meta["preference"] = {**asdict(pref), "reference": "the starting adapter (frozen copy)" if start else "the base model"}
         last = {key: value for h in history for key, value in h.items() if key.startswith(("rewards/", "logps/"))}

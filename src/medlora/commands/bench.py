@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sets.add_argument("--limit", type=int, default=0,
                       help="score a seeded sample of N questions per subset (default: all)")
     sets.add_argument("--seed", type=int, default=42, help="the sample's seed (default: 42)")
+    sets.add_argument("--shots", type=int, default=0, metavar="K",
+                      help="few-shot: K solved questions of each subset (drawn with --seed, never scored) before each "
+                           "of its questions, as Apollo's evaluation shows 3 (default: 0, zero-shot)")
     sets.add_argument("--scoring", choices=SCORINGS, default="loglik",
                       help="loglik: the most likely option letter after the prompt (no parsing); generate: letters "
                            "parsed from a generated answer (default: loglik)")
@@ -56,8 +59,8 @@ def model_labels(args: argparse.Namespace) -> list[tuple[str, str]]:
     adapters = named_paths(args.lora_weights, "--lora_weights")
     for label, _ in adapters:
         if label in ("", ".", "..", "base", BASE_KNOWLEDGE_LABEL) or "\\" in label:
-            raise ConfigError(f"--lora_weights: {label!r} cannot label a model (base and base+knowledge are the base model's); choose "
-                              f"one with NAME=DIR")
+            raise ConfigError(f"--lora_weights: {label!r} cannot label a model (base and base+knowledge are the base "
+                              f"model's); choose one with NAME=DIR")
     return adapters
 
 
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be 0 (all) or more")
     claim_output("--out", args.out, {"--benchmark_dir": args.benchmark_dir})
     adapters = model_labels(args)
-    subsets = load_subsets(args.benchmark, args.benchmark_dir, args.limit, args.seed)  # checked before any model
+    # checked before any model
+    subsets = load_subsets(args.benchmark, args.benchmark_dir, args.limit, args.seed, args.shots)
     # every model decodes alike (the benchmark's rule, not an adapter's recorded decoding): greedy unless flags say
     gen = build_dataclass(GenerationArgs, vars(args))
     rows_by_label, models = run_models(model_args(args), adapters, subsets, args.scoring, gen, args.max_batch_size,
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     for label, rows in rows_by_label.items():
         atomic_write_jsonl(out / label / RESULTS, rows)
     metrics = {"benchmarks": args.benchmark or ["xmedbench-zh"], "scoring": args.scoring, "limit": args.limit,
-               "seed": args.seed, "generation": gen.to_generate_kwargs() if args.scoring == "generate" else None,
+               "seed": args.seed, "shots": args.shots,
+               "generation": gen.to_generate_kwargs() if args.scoring == "generate" else None,
                "models": models, **summarise(subsets, rows_by_label, args.scoring)}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_report(metrics))

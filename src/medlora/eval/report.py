@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,14 +54,9 @@ def read_loss_log(train_dir: str | Path) -> list[dict]:
     path = Path(train_dir) / LOSS_LOG
     if not path.is_file():
         raise ConfigError(f"--train_dir {train_dir}: no {LOSS_LOG} there (medlora finetune writes it in --output_dir)")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}, line {number}: not JSON ({exc.msg})") from None
-    return rows
+    from medlora.data import read_rows
+
+    return [row for _, row in read_rows(path)]
 
 
 def plot_loss_curve(log_rows: list[dict], png_path: str | Path) -> Path:

@@ -3,7 +3,6 @@ medlora.eval.metrics. Made here from a model's answers, read back (checked), and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medlora.errors import DataError
@@ -32,26 +31,21 @@ def answer_records(generator, records: list[dict], gen, batch_size: int) -> list
 def read_results(path: str, limit: int = 0) -> list[dict]:
     """The rows of a results.jsonl file (the first `limit`, all when 0); a row that is not an object with string
     `instruction`, `golden` and `output` is refused naming its line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"--results {path}: {exc.strerror}") from None
+    from medlora.data import read_rows
+
     rows = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: a result must be a JSON object (a results.jsonl row)")
-            for name in ("instruction", "golden", "output"):
-                if not isinstance(row.get(name), str):
-                    state = "is missing" if name not in row else f"must be a string, got {type(row[name]).__name__}"
-                    raise DataError(f"{path}, line {number}: field '{name}' {state} (a results.jsonl row written by "
-                                    f"medlora infer/eval has instruction, golden and output)")
-            rows.append(row)
-    return rows[:limit] if limit > 0 else rows
+    for where, row in read_rows(Path(path)):
+        if limit > 0 and len(rows) == limit:
+            break
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, {where}: a result must be a JSON object (a results.jsonl row)")
+        for name in ("instruction", "golden", "output"):
+            if not isinstance(row.get(name), str):
+                state = "is missing" if name not in row else f"must be a string, got {type(row[name]).__name__}"
+                raise DataError(f"{path}, {where}: field '{name}' {state} (a results.jsonl row written by "
+                                f"medlora infer/eval has instruction, golden and output)")
+        rows.append(row)
+    return rows
 
 
 def format_block(row: dict) -> str:

@@ -38,6 +38,7 @@ from medlora.templates import Template
 from medlora.turns import Turn, conversation_turns
 
 if TYPE_CHECKING:
+    from medlora.config import ModelArgs, PromptArgs
     from medlora.knowledge import Retrieved
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ class Engine:
         adapters = dict(adapters or {})
         check_model_names(margs.base_model, adapters)
         loaded = load(margs, adapters, prompt, merge=False)
-        text_tokenizer = load_tokenizer(margs.base_model, padding_side="left", trust_remote_code=margs.trust_remote_code)
+        text_tokenizer = load_tokenizer(margs.base_model, padding_side="left",
+                                        trust_remote_code=margs.trust_remote_code)
         return cls(loaded.model, loaded.tokenizer, loaded.templates, margs.base_model, text_tokenizer,
                    context_length=loaded.context_length, knowledge=loaded.knowledge, **engine_kwargs)
 
