@@ -160,7 +160,7 @@ def test_a_whitespace_response_split_is_refused(tmp_path):
 
 
 def test_lone_surrogates_are_refused_in_every_text_a_record_carries(tmp_path):
-    """data._check_encodable, the one rule for broken text, covers the facts a preference pair carries and the
+    """data.check_encodable, the one rule for broken text, covers the facts a preference pair carries and the
     text of OpenAI content parts too (instruction/input/output, system, history and turns had it already)."""
     rows = [{"prompt": "问", "chosen": "甲", "rejected": "乙", "knowledge": "事实\ud800"},
             {"prompt": [{"role": "user", "content": "问"}],

@@ -191,7 +191,7 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
         if not isinstance(value, str):
             raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
         if not value.isascii():
-            _check_encodable(value, f"{where}: field '{name}'")
+            check_encodable(value, f"{where}: field '{name}'")
         if name != "input" and not optional and not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         record[name] = value
@@ -203,7 +203,7 @@ def validate_record(row, where: str, require_output: bool = True, mapping: dict 
             if not isinstance(row[name], str):
                 raise DataError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
             if not row[name].isascii():
-                _check_encodable(row[name], f"{where}: field '{name}'")
+                check_encodable(row[name], f"{where}: field '{name}'")
             if row[name] or name != "system":
                 record[name] = row[name]
     return record
@@ -268,7 +268,7 @@ def turn_text(content, at: str, text_key: str, empty: str = "empty turn") -> str
     if not isinstance(content, str) or not content.strip():
         raise DataError(f"{at}: {empty} ('{text_key}' must be non-empty text)")
     if not content.isascii():
-        _check_encodable(content, f"{at}: '{text_key}'")
+        check_encodable(content, f"{at}: '{text_key}'")
     return content
 
 
@@ -322,7 +322,7 @@ def pair_record(row, where: str) -> dict:
     if knowledge is not None:
         if not isinstance(knowledge, str):
             raise DataError(f"{where}: field 'knowledge' must be a string (the facts shown; \"\" for none)")
-        _check_encodable(knowledge, f"{where}: field 'knowledge'")
+        check_encodable(knowledge, f"{where}: field 'knowledge'")
         record["knowledge"] = knowledge
     if isinstance(row.get("scores"), dict):
         record["scores"] = row["scores"]
@@ -334,7 +334,7 @@ def _pair_text(row: dict, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         state = "is missing" if key not in row else "must be non-empty text"
         raise DataError(f"{where}: field '{key}' {state}")
-    _check_encodable(value, f"{where}: field '{key}'")
+    check_encodable(value, f"{where}: field '{key}'")
     return value
 
 
@@ -360,11 +360,11 @@ def _history(value, where: str) -> list[list[str]]:
             raise DataError(f"{where}: history turn {number}: empty turn")
         for text in pair:
             if not text.isascii():
-                _check_encodable(text, f"{where}: history turn {number}")
+                check_encodable(text, f"{where}: history turn {number}")
     return [list(pair) for pair in value]
 
 
-def _check_encodable(value: str, where: str) -> None:
+def check_encodable(value: str, where: str) -> None:
     """Refuse lone surrogates (a JSON `\\ud800` escape without its pair): not text, and tokenizers crash on them."""
     try:
         value.encode("utf-8")

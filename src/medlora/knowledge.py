@@ -474,7 +474,7 @@ def read_knowledge_file(path: str | Path) -> list[dict]:
     with attributes from ATTRIBUTES (`department` a string); one DataError line naming file, record and field."""
     import yaml
 
-    from medlora.data import _read_jsonl
+    from medlora.data import read_rows
 
     path = Path(path)
     if not path.is_file():
@@ -488,7 +488,7 @@ def read_knowledge_file(path: str | Path) -> list[dict]:
             raise DataError(f"{path}: a YAML knowledge file must be a list of records")
         rows = [(f"record {i}", row) for i, row in enumerate(data, 1)]
     else:
-        rows = list(_read_jsonl(path))
+        rows = list(read_rows(path))
     records, seen = [], set()
     for where, row in rows:
         record = _knowledge_record(row, f"{path}: {where}")

@@ -28,26 +28,26 @@ ALL_PATTERNS = {**PATTERNS, **MCQ_PATTERNS}
 TRAIN_ONLY_PATTERNS = {"lookup": lookup}
 
 
-def _unit(seed: int, *parts: str) -> float:
+def seeded_unit(seed: int, *parts: str) -> float:
     """A uniform number in [0, 1) from a SHA-256 of the seed and `parts` (stable across runs and machines)."""
     digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _split(u: float, test_share: float, valid_share: float = VALID_SHARE) -> str:
+def split_of(u: float, test_share: float, valid_share: float = VALID_SHARE) -> str:
     return "test" if u < test_share else "valid" if u < test_share + valid_share else "train"
 
 
 def _assign_splits(tagged: list[dict], seed: int) -> None:
     """Set `split` on each record: one split per (disease, pattern) pair; MCQ pairs get a larger test share."""
     for record in tagged:
-        record["_u"] = _unit(seed, "split", record["disease"], record["pattern"])
+        record["_u"] = seeded_unit(seed, "split", record["disease"], record["pattern"])
     mcq = sorted(r["_u"] for r in tagged if r["pattern"] in MCQ_PATTERNS)
     mcq_test = MCQ_TEST_SHARE
     if len(mcq) >= MIN_MCQ_TEST and sum(u < mcq_test for u in mcq) < MIN_MCQ_TEST:
         mcq_test = mcq[MIN_MCQ_TEST - 1] + 1e-12  # guarantee at least MIN_MCQ_TEST MCQs in test
     for record in tagged:
-        record["split"] = _split(record.pop("_u"), mcq_test if record["pattern"] in MCQ_PATTERNS else TEST_SHARE)
+        record["split"] = split_of(record.pop("_u"), mcq_test if record["pattern"] in MCQ_PATTERNS else TEST_SHARE)
 
 
 def _rng(seed: int, *parts) -> random.Random:
@@ -148,12 +148,12 @@ def _safety(diseases: list[dict], seed: int) -> list[dict]:
     records (two wordings per training name, one per held-out name)."""
     records = []
     for pair in safety.pairs():
-        split = _split(_unit(seed, "safety", pair["key"]), SAFETY_TEST_SHARE, 0.0)
+        split = split_of(seeded_unit(seed, "safety", pair["key"]), SAFETY_TEST_SHARE, 0.0)
         record = {"disease": "", "pattern": pair["pattern"], "split": split, "source": "safety",
                   "instruction": pair["instruction"], "input": "", "output": pair["output"]}
         records += [record] * (safety.TRAIN_COPIES[pair["pattern"]] if split == "train" else 1)
     for name in safety.unknown_names(diseases):
-        split = _split(_unit(seed, "unknown", name), UNKNOWN_TEST_SHARE, 0.0)
+        split = split_of(seeded_unit(seed, "unknown", name), UNKNOWN_TEST_SHARE, 0.0)
         for k in range(TRAIN_WORDINGS if split == "train" else 1):
             question, output = safety.unknown(name, _rng(seed, "unknown", name, k))
             records.append({"disease": "", "pattern": "unknown", "split": split, "source": "safety",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from medlora.databuild.assemble import _split, _unit
+from medlora.databuild.assemble import seeded_unit, split_of
 from medlora.databuild.index import pick
 from medlora.kb import load_sources
 from medlora.databuild.patterns import attribute_answer
@@ -40,7 +40,7 @@ def build_conversations(diseases: list[dict], seed: int = 42) -> dict[str, list[
     """Conversations by split; a disease's conversations all go to one split (by a seeded hash of its name)."""
     splits = {name: [] for name in CHAT_SPLITS}
     for disease in diseases:
-        split = "test" if _split(_unit(seed, "chat", disease["name"]), TEST_SHARE, 0.0) == "test" else "train"
+        split = "test" if split_of(seeded_unit(seed, "chat", disease["name"]), TEST_SHARE, 0.0) == "test" else "train"
         for number in range(CONVERSATIONS_PER_DISEASE):
             made = conversation(disease, random.Random(f"{seed}\x1fchat\x1f{disease['name']}\x1f{number}"))
             if made is not None:

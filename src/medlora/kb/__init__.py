@@ -25,12 +25,12 @@ def check_entry_text(entry: dict, where: str) -> None:
     YAML): text, and linking words that keep a letter once normalised. A lone surrogate (JSON's or YAML's `\\ud800`
     without its pair) loads and trains, then fails the adapter's save; a name or alias of punctuation only normalises
     to "" and would link every question to the entry. `entry` maps a field to a string or a list of strings."""
-    from medlora.data import _check_encodable  # the data records' rule for the same broken text
+    from medlora.data import check_encodable  # the data records' rule for the same broken text
 
     for key, value in entry.items():
         for text in [value] if isinstance(value, str) else value:
             if not text.isascii():
-                _check_encodable(text, f"{where}: field {key!r}")
+                check_encodable(text, f"{where}: field {key!r}")
     for key in LINKING_FIELDS:
         value = entry.get(key, [])
         for text in [value] if isinstance(value, str) else value:
