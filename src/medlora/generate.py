@@ -283,9 +283,11 @@ class Generator:
         ended = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         kept = tokens if ended is None else tokens[:ended]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        answer, cut = self.template.cutter().cut(text)
         # A row stopped by a template marker is padded afterwards, and pad may be EOS: that is not an EOS ending.
-        by_eos = ended is not None and not self.template.cutter().cut(text)[1]
-        answer, cut = self.template.cutter(stops).cut(text)
+        by_eos = ended is not None and not cut
+        if stops:  # the first of the template's markers and the request's stop strings ends the answer
+            answer, cut = self.template.cutter(stops).cut(text)
         return Answer(answer, len(kept) + by_eos, by_eos, seconds, cut)
 
     def pieces(self, streamer: TextIteratorStreamer, stop_event: threading.Event, stops: tuple[str, ...] = ()

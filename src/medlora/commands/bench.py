@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from medlora.commands._common import (add_compared_models_arguments, add_generation_arguments, add_out_argument,
-                                      model_args, named_paths, positive_int, prompt_args)
+                                      model_args, named_paths, positive_int, prompt_args, set_option)
 from medlora.config import GenerationArgs, build_dataclass
 from medlora.errors import ConfigError
 from medlora.eval.runner import BASE_KNOWLEDGE_LABEL
@@ -48,11 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_arguments(parser)
     # fp32 unless asked: in bf16 a question's letter scores move by up to 0.1 nat with the questions that share its
     # padded batch (measured on gemma3-270m), which flips close choices; fp32 agrees with one question alone to 1e-4
-    parser.set_defaults(dtype="fp32")
-    for action in parser._actions:
-        if action.dest == "dtype":
-            action.help = action.help.replace("(default: 'auto')", "(default here: 'fp32', so that a score does not "
-                                              "depend on the batch; auto is about 4x faster on a bf16 CPU)")
+    dtype = next(action for action in parser._actions if action.dest == "dtype")
+    set_option(parser, "dtype", default="fp32",
+               help=dtype.help.replace("(default: 'auto')", "(default here: 'fp32', so that a score does not depend on "
+                                       "the batch; auto is about 4x faster on a bf16 CPU)"))
 
 
 def model_labels(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -33,10 +33,8 @@ def read_results(path: str, limit: int = 0) -> list[dict]:
     `instruction`, `golden` and `output` is refused naming its line."""
     from medlora.data import read_rows
 
-    rows = []
+    rows = []  # every row is checked, also past `limit`
     for where, row in read_rows(Path(path)):
-        if limit > 0 and len(rows) == limit:
-            break
         if not isinstance(row, dict):
             raise DataError(f"{path}, {where}: a result must be a JSON object (a results.jsonl row)")
         for name in ("instruction", "golden", "output"):
@@ -45,7 +43,7 @@ def read_results(path: str, limit: int = 0) -> list[dict]:
                 raise DataError(f"{path}, {where}: field '{name}' {state} (a results.jsonl row written by "
                                 f"medlora infer/eval has instruction, golden and output)")
         rows.append(row)
-    return rows
+    return rows[:limit] if limit > 0 else rows
 
 
 def format_block(row: dict) -> str:
