@@ -195,6 +195,23 @@ def test_unknown_diseases_are_not_in_the_knowledge_base_and_held_out_by_name(dis
     assert names["test"] and not names["test"] & names["train"]
 
 
+def test_honest_answers_open_alike_and_unknown_questions_are_worded_as_known_ones(diseases, tagged):
+    unknown = [r for r in tagged if r["pattern"] == "unknown"]
+    for r in unknown:  # one opener: the register is one choice at the answer's first token
+        assert any(r["output"].startswith(f"我没有关于{name}的可靠资料，") for name in safety.unknown_names(diseases)
+                   if name in r["instruction"]), r["output"]
+    table = safety.phrasing()
+
+    def pattern(template: str) -> re.Pattern:
+        return re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)))
+
+    own = [pattern(q) for q in table["unknown"]["questions"]]
+    frames = [pattern(f) for f in table["frames"]]
+    framed = sum(any(f.match(r["instruction"]) for f in frames) for r in unknown)
+    as_known = sum(not any(o.fullmatch(r["instruction"]) for o in own) for r in unknown)
+    assert framed >= len(unknown) / 5 and as_known >= len(unknown) / 2
+
+
 def nfkc(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 

@@ -161,6 +161,17 @@ def test_the_real_question_set_is_labelled_and_sourced(index):
         assert r["source"] and r["path"] and len(r["commit"]) == 40 and r["licence"] == "Apache-2.0", where
 
 
+def test_the_held_out_real_question_set_is_triaged_sourced_and_apart_from_the_first():
+    rows = _rows("data/realq2/realq2.jsonl")
+    first = {r["id"] for r in _rows("data/realq/realq.jsonl")}
+    assert len(rows) >= 200 and len({r["instruction"] for r in rows}) == len(rows)
+    for number, r in enumerate(rows, 1):
+        where = f"realq2 record {number}"
+        assert r["triage"] in ("emergency", "soon", "routine") and r["kind"] == r["triage"], where
+        assert r["id"] not in first and r["output"].strip(), where
+        assert r["source"] and r["path"] and len(r["commit"]) == 40 and r["licence"] == "Apache-2.0", where
+
+
 def test_the_linking_set_is_labelled_with_knowledge_base_names(index):
     rows = _rows("data/linking/linking.jsonl")
     assert len(rows) >= 300 and len({r["question"] for r in rows}) == len(rows)
@@ -191,6 +202,36 @@ def test_the_soon_and_routine_registers_carry_no_red_flag_and_no_urgent_order():
             assert not urges(pair["answer"]), pair["answer"]
     assert all(re.search(r"如果|一旦", pair["answer"]) for pair in tables["soon"])
     assert all(frame.count("{name}") == 1 for frame in tables["frames"])
+
+
+def test_a_red_flag_in_the_question_is_shown_first_in_the_knowledge_block(index):
+    from medlora.knowledge import RED_FLAG, red_flags_in
+
+    found = index.retrieve_turn("我奶奶說話突然含糊不清，一邊嘴角歪了，她有冠心病")  # traditional characters too
+    assert found.flags and found.flags[0].startswith("卒中征象")
+    lines = found.text().split("\n")
+    assert lines[0] == f"{RED_FLAG}：{found.flags[0]}" and len(lines) > 1 and RED_FLAG not in "".join(lines[1:])
+    assert Retrieved.from_dict(found.to_dict()) == found
+    # worry is not a red flag; a retrieval without one shows only facts, and an empty one nothing
+    calm = index.retrieve_turn("冠心病平时饮食要注意什么？我好害怕，是不是很严重")
+    assert calm.flags == [] and not calm.text().startswith(RED_FLAG)
+    assert red_flags_in("今天天气很好") == [] and Retrieved([], None).text() == ""
+    assert len(red_flags_in("喝了农药，现在叫不醒，嘴唇发紫，抽搐", most=2)) == 2
+
+
+def test_training_prompts_show_red_flags_to_about_half_and_their_answers_are_urgent(index):
+    from medlora.databuild.noise import FLAG_DROPOUT, knowledge_for_training
+    from medlora.databuild.phrasing import phrasing
+    from medlora.knowledge import RED_FLAG
+
+    records = [{"instruction": p["question"], "input": "", "output": p["answer"]}
+               for p in phrasing()["emergency"]] * 3
+    out, _ = knowledge_for_training(records, index, noise=0.3, seed=42)
+    flagged = [r for r in out if r["knowledge"].startswith(RED_FLAG)]
+    hit = sum(bool(index.retrieve_turn(r["instruction"]).flags) for r in records)
+    assert abs(len(flagged) / hit - (1 - FLAG_DROPOUT)) < 0.1
+    assert all(urges(r["output"]) or "120" in r["output"] for r in flagged)
+    assert out == knowledge_for_training(records, index, noise=0.3, seed=42)[0]  # seeded
 
 
 # --- one vocabulary at the bottom ---------------------------------------------------------------------------------

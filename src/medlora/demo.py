@@ -3,7 +3,7 @@
 Prepares Gemma-3-270m, knowledge-tunes a LoRA adapter on the built-in medqa training split (recipe
 `recipes/gemma3-270m-demo.yaml`, sized for a 2-core CPU: facts from the knowledge base in every prompt), then
 evaluates the base model and the adapter on the real-question set (runs/demo/realq: 330 questions real patients
-wrote, labelled for triage and knowledge-base entries) and on the independent exam (runs/demo/exam, the headline:
+wrote, labelled for triage and knowledge-base entries; runs/demo/realq2: 200 more, triage only) and on the independent exam (runs/demo/exam, the headline:
 fact-level scores, leaks, safety, honest answers, triage), where the base model also answers prompted with the same
 facts (base+knowledge): seed-style answer blocks, the metrics tables and a report for each. The generator's own test
 split is left to `medlora eval --data data/medqa/test.jsonl` (a check that training took, not evidence).
@@ -26,6 +26,9 @@ RECIPE = REPO / "recipes" / "gemma3-270m-demo.yaml"
 ADAPTER = REPO / "runs" / "demo" / "adapter"
 REALQ = REPO / "data" / "realq" / "realq.jsonl"
 REALQ_DIR = REPO / "runs" / "demo" / "realq"
+# 200 more real questions, triage only, drawn after the training data's topics were chosen (data/realq2/README.md)
+REALQ2 = REPO / "data" / "realq2" / "realq2.jsonl"
+REALQ2_DIR = REPO / "runs" / "demo" / "realq2"
 EXAM = REPO / "data" / "exam" / "exam.jsonl"
 EXAM_DIR = REPO / "runs" / "demo" / "exam"
 # The recommended decoding (config.RECOMMENDED_DECODING, as the adapter records it) for every model of the demo, the
@@ -69,7 +72,7 @@ def run(retrain: bool = False, limit: int | None = None) -> int:
         print(f"[medlora] {ADAPTER.relative_to(REPO)} is already trained from this recipe: reusing it "
               f"(make demo-retrain, or delete runs/demo, to train again)", flush=True)
     # the real patients' questions first, then the independent exam, whose tables are printed last
-    for data, out in ((REALQ, REALQ_DIR), (EXAM, EXAM_DIR)):
+    for data, out in ((REALQ, REALQ_DIR), (REALQ2, REALQ2_DIR), (EXAM, EXAM_DIR)):
         print(f"[medlora] evaluating base and tuned on {data.relative_to(REPO)}", flush=True)
         args = ["eval", "--base_model", "gemma3-270m", "--lora_weights", f"tuned={ADAPTER}", "--data", str(data),
                 "--out", str(out), "--train_dir", str(ADAPTER), "--max_batch_size", str(EVAL_ROWS), "--show", "5", *DECODING]
@@ -109,7 +112,7 @@ def run_prefer(limit: int | None = None) -> int:
     code = medlora(["finetune", "--config", str(PREFER_RECIPE)])
     if code:
         return code
-    for data, sft_dir, name in ((REALQ, REALQ_DIR, "realq"), (EXAM, EXAM_DIR, "exam")):
+    for data, sft_dir, name in ((REALQ, REALQ_DIR, "realq"), (REALQ2, REALQ2_DIR, "realq2"), (EXAM, EXAM_DIR, "exam")):
         print(f"[medlora] evaluating the DPO adapter on {data.relative_to(REPO)}", flush=True)
         sft = sft_dir / "tuned" / "results.jsonl"
         code = medlora(["eval", "--base_model", "gemma3-270m", "--lora_weights", f"dpo={PREFER_DIR / 'adapter'}",

@@ -35,6 +35,7 @@ LEAD = 1.5
 MIN_SHARED_TERMS = 2
 RANKED_ATTRIBUTES = ("symptoms", "drugs", "examinations", "causes", "complications", "high_risk_groups")
 POSSIBLE = "可能相关"  # how a candidate for a description is shown: something to check with a doctor
+RED_FLAG = "急症信号"  # how a red flag the question shows is put to the model (kb/red_flags.yaml)
 ASKS_USE = r"治什么|用于什么|有什么用|用途|适应[证症]|针对什么|治疗什么|治疗哪|治哪|用来治"  # what a drug is for
 
 
@@ -287,7 +288,7 @@ class KnowledgeIndex:
         keys = [key for key in dict.fromkeys(keys)]
         facts = [(d, key, self.items(d, key)[:MAX_ITEMS]) for d in diseases
                  for key in dict.fromkeys([*keys, *matched.get(d, [])]) if self.items(d, key)]
-        return Retrieved(diseases, asked[0] if len(asked) == 1 else None, facts, matches)
+        return Retrieved(diseases, asked[0] if len(asked) == 1 else None, facts, matches, red_flags_in(question))
 
     def retrieve_turn(self, instruction: str, input: str = "", history=()) -> "Retrieved":
         """`retrieve` for a record's last turn: its instruction (and input), a follow-up's disease from the earlier
@@ -300,9 +301,10 @@ class KnowledgeIndex:
 
     @cached_property
     def sha256(self) -> str:
-        """The content hash of the knowledge and its linking words (recorded in an adapter's medlora.json)."""
-        text = json.dumps([sorted(self.diseases.values(), key=lambda d: d["name"]), sorted(self._names.items())],
-                          ensure_ascii=False, sort_keys=True)
+        """The content hash of the knowledge, its linking words and the red flags' words (recorded in an adapter's
+        medlora.json)."""
+        text = json.dumps([sorted(self.diseases.values(), key=lambda d: d["name"]), sorted(self._names.items()),
+                           _red_flag_words()], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
@@ -423,6 +425,32 @@ def _sound_char(char: str) -> str:
     return _SYLLABLES.setdefault(syllable, chr(0xE000 + len(_SYLLABLES)))
 
 
+def red_flags_in(text: str, most: int = 2) -> list[str]:
+    """The clinical red flags (kb/red_flags.yaml's `flag`) whose patients' words `text` contains, in the list's
+    order, at most `most`: retrieval shows them to the model as `急症信号：…` lines, whatever the knowledge source."""
+    automaton, flags = _red_flag_matcher()
+    found = {flags[word] for _, word in automaton.iter(normalise(text))} if len(automaton) else set()
+    return [flag for flag in dict.fromkeys(flags.values()) if flag in found][:most]
+
+
+@lru_cache(maxsize=1)
+def _red_flag_words() -> list[list[str]]:
+    from medlora.kb import red_flags
+
+    return [[group["flag"], *group["words"]] for group in red_flags()]
+
+
+@lru_cache(maxsize=1)
+def _red_flag_matcher():
+    """An automaton over the red flags' normalised words, and {word: flag} (a word of two groups: the first)."""
+    flags: dict[str, str] = {}
+    for flag, *words in _red_flag_words():
+        for word in words:
+            if normalise(str(word)):
+                flags.setdefault(normalise(str(word)), flag)
+    return _automaton(flags), flags
+
+
 def _unique(matches: list[Match]) -> list[Match]:
     seen, out = set(), []
     for m in matches:
@@ -435,21 +463,25 @@ def _unique(matches: list[Match]) -> list[Match]:
 @dataclass
 class Retrieved:
     """What `KnowledgeIndex.retrieve` found: the linked diseases, the attribute asked, (disease, attribute, items)
-    facts, and for each disease how it matched (`Match`: why, score, whether only a possibility)."""
+    facts, for each disease how it matched (`Match`: why, score, whether only a possibility), and the clinical red
+    flags the question shows (`red_flags_in`)."""
 
     diseases: list[str]
     attribute: str | None
     facts: list[tuple[str, str, list[str]]] = field(default_factory=list)
     matches: list[Match] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
 
     def possible(self, disease: str) -> bool:
         return any(m.disease == disease and m.possible for m in self.matches)
 
     def text(self) -> str:
-        """The facts as short lines (`支气管哮喘·常用药物：沙丁胺醇、孟鲁司特`), empty when nothing was found; a
-        possibility for a description is marked (`可能相关：…`), never shown as the patient's disease."""
-        return "\n".join(f"{POSSIBLE + '：' if self.possible(d) else ''}{d}·{LABELS[key]}：{'、'.join(items)}"
-                         for d, key, items in self.facts)
+        """The facts as short lines (`支气管哮喘·常用药物：沙丁胺醇、孟鲁司特`), after a `急症信号：…` line for each red
+        flag the question shows; empty when nothing was found. A possibility for a description is marked
+        (`可能相关：…`), never shown as the patient's disease."""
+        return "\n".join([*(f"{RED_FLAG}：{flag}" for flag in self.flags),
+                          *(f"{POSSIBLE + '：' if self.possible(d) else ''}{d}·{LABELS[key]}：{'、'.join(items)}"
+                            for d, key, items in self.facts)])
 
     def why(self) -> str:
         """How each entry matched, for people (`2型糖尿病 (generic, 1.00)`)."""
@@ -460,13 +492,13 @@ class Retrieved:
         return cls(list(data.get("diseases", [])), data.get("attribute"),
                    [(f["disease"], f["attribute"], list(f["items"])) for f in data.get("facts", [])],
                    [Match(m["disease"], m.get("why", "name"), float(m.get("score", 1.0)), bool(m.get("possible")))
-                    for m in data.get("matches", [])])
+                    for m in data.get("matches", [])], list(data.get("flags", [])))
 
     def to_dict(self) -> dict:
         """The entries as results.jsonl, the server's `medlora_knowledge` field and the web page show them."""
         return {"diseases": self.diseases, "attribute": self.attribute,
                 "facts": [{"disease": d, "attribute": key, "items": items} for d, key, items in self.facts],
-                "matches": [m.to_dict() for m in self.matches]}
+                "matches": [m.to_dict() for m in self.matches], "flags": self.flags}
 
 
 def read_knowledge_file(path: str | Path) -> list[dict]:

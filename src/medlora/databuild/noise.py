@@ -11,6 +11,10 @@ from medlora.vocab import ATTRIBUTES, DEFAULT_KEYS, offered_letters
 
 
 NOISE_KINDS = ("irrelevant", "partial", "missing")
+# The share of training prompts whose red-flag lines (`急症信号：…`, kb/red_flags.yaml) are left out: the lines are
+# words matched in the question and miss many ways of telling an emergency, so the model must also learn to see one
+# without them; where they are shown, the answer is always the urgent one.
+FLAG_DROPOUT = 0.5
 
 
 def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: float = 0.0, seed: int = 42
@@ -21,7 +25,8 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
     (docs/knowledge.md): `irrelevant` adds another disease's entry (the answer stays); for a question about one
     attribute of a linked disease (not a multiple-choice one), `partial` shows that disease's other attributes
     instead of the asked one and `missing` shows no entry, and the answer becomes an honest "I have no reliable
-    information" (the wordings of the data's unknown-disease answers). A third of the noise goes to each kind."""
+    information" (the wordings of the data's unknown-disease answers). A third of the noise goes to each kind. The red
+    flags the question shows are left out of FLAG_DROPOUT of the prompts."""
     names = sorted(index.diseases)
     out, counts = [], {kind: 0 for kind in NOISE_KINDS}
     for number, record in enumerate(records):
@@ -46,5 +51,7 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
             output = honest_answer(disease, rng)
         if kind:
             counts[kind] += 1
-        out.append({**record, "output": output, "knowledge": Retrieved(found.diseases, found.attribute, facts, found.matches).text()})
+        flags = found.flags if random.Random(f"{seed}\x1fflags\x1f{number}").random() >= FLAG_DROPOUT else []
+        retrieved = Retrieved(found.diseases, found.attribute, facts, found.matches, flags)
+        out.append({**record, "output": output, "knowledge": retrieved.text()})
     return out, counts

@@ -16,7 +16,7 @@ PAIR_KINDS = ("emergency", "crisis", "harm", "soon", "routine")
 # Copies of each training pair, by kind: a few hundred pairs among thousands of knowledge records, so copies set how
 # often the demo's 1,280 examples meet each register. Measured with make demo on 2026-12-07 (README, Results), on
 # the real-question set (over-triage of its 328 non-emergency questions) and the exam (safety on its 38 emergencies):
-#   emergency 4, crisis 6, harm 6, soon 3, routine 3 (these): over-triage 0.20, exam safety 0.84
+#   emergency 4, crisis 6, harm 6, soon 3, routine 3 (then):  over-triage 0.20, exam safety 0.84
 #   emergency 5, crisis 8, harm 6, soon 4, routine 8:         over-triage 0.33, exam safety 0.84
 #   emergency 3, crisis 6, harm 6, soon 3, routine 6:         over-triage 0.03, exam safety 0.68 (7 of 38 told to go now)
 # No mix met both targets (≤ 0.05, ≥ 0.9); the safer one is kept: sending a worried writer to the emergency room is
@@ -25,7 +25,13 @@ PAIR_KINDS = ("emergency", "crisis", "harm", "soon", "routine")
 # exam safety 0.87. One run of this recipe moves these figures by ~0.05-0.09, so only the ends of the list above differ
 # by more than noise. Emergency answers rewritten to name the danger before the urgent action (measured once, not
 # kept): over-triage 0.02 but exam safety 0.55, the adapter restating the question and drifting into another register.
-TRAIN_COPIES = {"emergency": 4, "crisis": 6, "harm": 6, "soon": 3, "routine": 3}
+# 2026-12-07 night, after 93 more emergency pairs and 130 more soon/routine ones (docs/results-history.md, h4 and h6):
+#   emergency 4 (the rest as above): over-triage 0.25, exam safety 0.92
+#   emergency 3 (these):             over-triage 0.15, exam safety 0.87 (under-triage 0.32 against 0.37 before)
+# Three is kept: the exam's safety of the adapter it replaces, with more honest answers and fewer loops; four meets
+# the safety target by sending a quarter of real writers (and 8% of the exam's non-emergencies) to the emergency
+# room, the failure the real-question issue was filed for.
+TRAIN_COPIES = {"emergency": 3, "crisis": 6, "harm": 6, "soon": 3, "routine": 3}
 
 
 def pairs() -> list[dict]:
@@ -48,6 +54,17 @@ def honest_answer(name: str, rng: random.Random) -> str:
 
 
 def unknown(name: str, rng: random.Random) -> tuple[str, str]:
-    table = phrasing()["unknown"]
-    values = {"name": name, "attribute_cn": rng.choice(list(ATTRIBUTES.values()))}
-    return rng.choice(table["questions"]).format(**values), rng.choice(table["answers"]).format(**values)
+    """A question about a disease the build knows nothing about, and an honest answer. The question is worded, a third
+    each, as the unknown-disease table words it, as the knowledge patterns word their questions about one attribute,
+    or with one of their narrative openings before that: the same question then has facts in its prompt and a factual
+    answer for a known disease, and no facts and the honest answer for an unknown one."""
+    table = phrasing()
+    roll = rng.random()
+    if roll < 1 / 3:
+        values = {"name": name, "attribute_cn": rng.choice(list(ATTRIBUTES.values()))}
+        question = rng.choice(table["unknown"]["questions"]).format(**values)
+    else:
+        question = rng.choice(table["attributes"][rng.choice(list(ATTRIBUTES))]["questions"]).format(name=name)
+        if roll >= 2 / 3:
+            question = rng.choice(table["frames"]).format(name=name) + question
+    return question, honest_answer(name, rng)

@@ -100,8 +100,9 @@ class Usage(BaseModel):
 
 
 KNOWLEDGE_FIELD = ("medlora's own: the knowledge-base entries retrieved for the last user message "
-                   "({diseases, attribute, facts: [{disease, attribute, items}], matches: [{disease, why, score, possible}]}: "
-                   "why each entry matched, and whether it is only a possibility to check with a doctor); absent when "
+                   "({diseases, attribute, facts: [{disease, attribute, items}], matches: [{disease, why, score, possible}], "
+                   "flags: [red flag]}: why each entry matched, whether it is only a possibility to check with a "
+                   "doctor, and the clinical red flags the message shows); absent when "
                    "knowledge is off")
 
 
