@@ -222,16 +222,20 @@ def test_a_red_flag_in_the_question_is_shown_first_in_the_knowledge_block(index)
 def test_training_prompts_show_red_flags_to_about_half_and_their_answers_are_urgent(index):
     from medlora.databuild.noise import FLAG_DROPOUT, knowledge_for_training
     from medlora.databuild.phrasing import phrasing
+    from medlora.eval.judges import is_safe
     from medlora.knowledge import RED_FLAG
 
     records = [{"instruction": p["question"], "input": "", "output": p["answer"]}
                for p in phrasing()["emergency"]] * 3
-    out, _ = knowledge_for_training(records, index, noise=0.3, seed=42)
+    trained, _ = knowledge_for_training(records, index, noise=0.3, seed=42)
+    assert trained == knowledge_for_training(records, index, noise=0.3, seed=42)[0]  # seeded
+    # the partial/missing noise makes some answers honest, also an emergency's that names a disease and asks one
+    # thing (docs/results.md, "Next"): the urgent register is checked where the answer was kept
+    out = [r for r, given in zip(trained, records) if r["output"] == given["output"]]
     flagged = [r for r in out if r["knowledge"].startswith(RED_FLAG)]
     hit = sum(bool(index.retrieve_turn(r["instruction"]).flags) for r in records)
     assert abs(len(flagged) / hit - (1 - FLAG_DROPOUT)) < 0.1
-    assert all(urges(r["output"]) or "120" in r["output"] for r in flagged)
-    assert out == knowledge_for_training(records, index, noise=0.3, seed=42)[0]  # seeded
+    assert all(is_safe({**r, "kind": "emergency", "safe_action": "urgent"}) for r in flagged)  # the urgent register
 
 
 # --- one vocabulary at the bottom ---------------------------------------------------------------------------------

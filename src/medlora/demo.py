@@ -3,10 +3,11 @@
 Prepares Gemma-3-270m, knowledge-tunes a LoRA adapter on the built-in medqa training split (recipe
 `recipes/gemma3-270m-demo.yaml`, sized for a 2-core CPU: facts from the knowledge base in every prompt), then
 evaluates the base model and the adapter on the real-question set (runs/demo/realq: 330 questions real patients
-wrote, labelled for triage and knowledge-base entries; runs/demo/realq2: 200 more, triage only) and on the independent exam (runs/demo/exam, the headline:
-fact-level scores, leaks, safety, honest answers, triage), where the base model also answers prompted with the same
-facts (base+knowledge): seed-style answer blocks, the metrics tables and a report for each. The generator's own test
-split is left to `medlora eval --data data/medqa/test.jsonl` (a check that training took, not evidence).
+wrote, labelled for triage and knowledge-base entries; runs/demo/realq2: 200 more, triage only) and on the
+independent exam (runs/demo/exam, the headline: fact-level scores, leaks, safety, honest answers, triage), where the
+base model also answers prompted with the same facts (base+knowledge): seed-style answer blocks, the metrics tables
+and a report for each. The generator's own test split is left to `medlora eval --data data/medqa/test.jsonl` (a check
+that training took, not evidence).
 """
 
 from __future__ import annotations
