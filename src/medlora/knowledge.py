@@ -428,9 +428,9 @@ def _sound_char(char: str) -> str:
 def red_flags_in(text: str, most: int = 2) -> list[str]:
     """The clinical red flags (kb/red_flags.yaml's `flag`) whose patients' words `text` contains, in the list's
     order, at most `most`: retrieval shows them to the model as `急症信号：…` lines, whatever the knowledge source."""
-    automaton, flags = _red_flag_matcher()
+    automaton, flags, order = _red_flag_matcher()
     found = {flags[word] for _, word in automaton.iter(normalise(text))} if len(automaton) else set()
-    return [flag for flag in dict.fromkeys(flags.values()) if flag in found][:most]
+    return sorted(found, key=order.__getitem__)[:most]
 
 
 @lru_cache(maxsize=1)
@@ -442,13 +442,16 @@ def _red_flag_words() -> list[list[str]]:
 
 @lru_cache(maxsize=1)
 def _red_flag_matcher():
-    """An automaton over the red flags' normalised words, and {word: flag} (a word of two groups: the first)."""
+    """An automaton over the red flags' normalised words, {word: flag} (a word of two groups: the first), and
+    {flag: its place in the list}."""
     flags: dict[str, str] = {}
+    order: dict[str, int] = {}
     for flag, *words in _red_flag_words():
+        order.setdefault(flag, len(order))
         for word in words:
             if normalise(str(word)):
                 flags.setdefault(normalise(str(word)), flag)
-    return _automaton(flags), flags
+    return _automaton(flags), flags, order
 
 
 def _unique(matches: list[Match]) -> list[Match]:
