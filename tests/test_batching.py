@@ -161,3 +161,34 @@ def test_a_prompt_past_the_context_loses_its_oldest_tokens_and_max_new_tokens_is
     assert generator.generate([huge], gen)[0].n_tokens <= 8
     with pytest.raises(ConfigError, match="--max_new_tokens 100000"):
         generator.generate(["头痛"], GenerationArgs(max_new_tokens=100000))
+
+
+def test_open_register_lets_the_likelier_register_win_not_the_likeliest_token():
+    from medlora.batching import open_register
+
+    # token 0 is the urgent opener: likeliest single token (0.3) but the calm tokens hold 0.7 together
+    calm_wins = torch.tensor([[0.3, 0.25, 0.25, 0.2]]).log()
+    assert open_register(calm_wins, [0], 0.5).argmax().item() == 1
+    assert open_register(calm_wins, [0], 0.29).argmax().item() == 0  # a lower threshold keeps it
+    # two urgent openers hold 0.56 together although a calm token is the likeliest
+    urgent_wins = torch.tensor([[0.28, 0.28, 0.44]]).log()
+    assert open_register(urgent_wins, [0, 1], 0.5).argmax().item() in (0, 1)
+    assert open_register(urgent_wins, [0, 1], 0.6).argmax().item() == 2
+    with pytest.raises(Exception, match="--urgent_threshold must be at least 0 and below 1"):
+        GenerationArgs(urgent_threshold=1.0)
+
+
+def test_the_urgent_threshold_sets_the_first_token_on_both_decoding_paths(generator):
+    from medlora.vocab import URGENT_OPENERS
+
+    urgent = set(generator.urgent_ids)
+    assert urgent and len(urgent) <= len(URGENT_OPENERS)
+    first = {}
+    for threshold in (0.0, 1e-12):  # off, and a threshold every urgent opener clears: all answers open urgent
+        gen = GenerationArgs(max_new_tokens=4, urgent_threshold=threshold)
+        static = _answer_tokens(generator, PROMPTS, gen)
+        continuous = generator.generate(PROMPTS, gen, batch_size=3)
+        assert [generator.tokenizer.decode(tokens).strip() for tokens in static] == [a.text for a in continuous]
+        first[threshold] = [tokens[0] for tokens in static]
+    assert not set(first[0.0]) & urgent  # the random model never opens with one by itself
+    assert set(first[1e-12]) <= urgent

@@ -77,6 +77,8 @@ def _grams(text: str, n: int = 5) -> set[str]:
 
 MEASURING_SETS = {"exam": EXAM, "realq": REPO / "data" / "realq" / "realq.jsonl",
                   "realq2": REPO / "data" / "realq2" / "realq2.jsonl",
+                  "devq": REPO / "data" / "devq" / "devq.jsonl",
+                  "devq-emergencies": REPO / "data" / "devq" / "emergencies.jsonl",
                   "linking": REPO / "data" / "linking" / "linking.jsonl"}
 
 

@@ -67,6 +67,17 @@ def test_training_records_get_retrieved_facts_and_seeded_noise():
             assert f"{disease}·常用药物：" in after["knowledge"]
 
 
+def test_only_answers_that_tell_the_asked_facts_are_made_honest():
+    # a narrative's answer written for its own need (not from the asked facts) keeps its register under any noise
+    index = KnowledgeIndex.builtin()
+    own = {"instruction": "原发性高血压常用什么药？我爸今天量了170/100，要不要马上吃？", "input": "",
+           "output": "一次偏高先别慌，安静休息后再量两次，记下数值，这几天去心内科门诊。"}
+    told = {**own, "output": "、".join(index.items("原发性高血压", "drugs"))}
+    noisy, _ = knowledge_for_training([own] * 40 + [told] * 40, index, noise=0.9, seed=3)
+    assert all(r["output"] == own["output"] for r in noisy[:40])
+    assert sum(is_honest(r) for r in noisy[40:]) > 10
+
+
 def test_multiple_choice_records_only_ever_get_an_irrelevant_entry():
     index = KnowledgeIndex.builtin()
     mcq = {"instruction": "支气管哮喘常用的药物是（ ） A．沙丁胺醇 B．青霉素 C．胰岛素 D．阿司匹林", "input": "",

@@ -14,6 +14,7 @@ from conftest import REPO
 from medlora.eval.judges import echoes, entry_scores, triage_of, urges
 from medlora.eval.metrics import record_scores, score_results
 from medlora.knowledge import KnowledgeIndex, Retrieved
+from medlora.vocab import normalise
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,24 @@ def test_the_held_out_real_question_set_is_triaged_sourced_and_apart_from_the_fi
         assert r["source"] and r["path"] and len(r["commit"]) == 40 and r["licence"] == "Apache-2.0", where
 
 
+def test_the_development_set_is_triaged_sourced_and_apart_from_the_measuring_sets():
+    rows = _rows("data/devq/devq.jsonl")
+    measured = {normalise(r["instruction"]) for name in ("realq", "realq2") for r in _rows(f"data/{name}/{name}.jsonl")}
+    assert len(rows) >= 300 and len({r["instruction"] for r in rows}) == len(rows)
+    for number, r in enumerate(rows, 1):
+        where = f"devq record {number}"
+        assert r["triage"] in ("emergency", "soon", "routine") and r["kind"] == r["triage"], where
+        assert normalise(r["instruction"]) not in measured and r["output"].strip(), where
+        assert r["source"] and r["path"] and r["line"] > 1 and len(r["commit"]) == 40 and r["licence"] == "MIT", where
+    from medlora.kb import red_flags
+
+    flags = {group["flag"] for group in red_flags()}
+    emergencies = _rows("data/devq/emergencies.jsonl")
+    assert len(emergencies) >= 90 and {r["flag"] for r in emergencies} == flags  # every red-flag group
+    for number, r in enumerate(emergencies, 1):
+        assert r["triage"] == r["kind"] == "emergency" and urges(r["output"]), f"devq emergency {number}"
+
+
 def test_the_linking_set_is_labelled_with_knowledge_base_names(index):
     rows = _rows("data/linking/linking.jsonl")
     assert len(rows) >= 300 and len({r["question"] for r in rows}) == len(rows)
@@ -188,7 +207,6 @@ def test_the_soon_and_routine_registers_carry_no_red_flag_and_no_urgent_order():
     in a conditional sentence), and every red flag cites its source."""
     from medlora.databuild.phrasing import phrasing
     from medlora.kb import red_flags
-    from medlora.vocab import normalise
 
     flags = red_flags()
     assert len(flags) >= 25 and all(f["flag"] and f["words"] and f["source"] for f in flags)
@@ -229,10 +247,11 @@ def test_training_prompts_show_red_flags_to_about_half_and_their_answers_are_urg
                for p in phrasing()["emergency"]] * 3
     trained, _ = knowledge_for_training(records, index, noise=0.3, seed=42)
     assert trained == knowledge_for_training(records, index, noise=0.3, seed=42)[0]  # seeded
-    # the partial/missing noise makes some answers honest, also an emergency's that names a disease and asks one
-    # thing (docs/results.md, "Next"): the urgent register is checked where the answer was kept
-    out = [r for r, given in zip(trained, records) if r["output"] == given["output"]]
-    flagged = [r for r in out if r["knowledge"].startswith(RED_FLAG)]
+    # the partial/missing noise never makes an answer to a question with a red flag honest
+    flagged = [r for r in trained if index.retrieve_turn(r["instruction"]).flags]
+    assert [r["output"] for r in flagged] == [given["output"] for given in records
+                                              if index.retrieve_turn(given["instruction"]).flags]
+    flagged = [r for r in flagged if r["knowledge"].startswith(RED_FLAG)]
     hit = sum(bool(index.retrieve_turn(r["instruction"]).flags) for r in records)
     assert abs(len(flagged) / hit - (1 - FLAG_DROPOUT)) < 0.1
     assert all(is_safe({**r, "kind": "emergency", "safe_action": "urgent"}) for r in flagged)  # the urgent register

@@ -271,6 +271,9 @@ class GenerationArgs:
                                         "(OpenAI's frequency_penalty; the prompt is not counted); 0 = none")
     presence_penalty: float = opt(0.0, "subtracted from the logit of every token the answer already holds "
                                        "(OpenAI's presence_penalty); 0 = none")
+    urgent_threshold: float = opt(0.0, "greedy answers open with an urgent order (立即/立刻/马上/赶紧) when the model "
+                                       "gives those openers together at least this probability, and never otherwise "
+                                       "(0.5: the likelier register wins, not the likeliest single token); 0 = off")
 
     def to_generate_kwargs(self) -> dict:
         """generate()'s sampling arguments; the three penalties are applied by medlora.generate, on the answer."""
@@ -296,6 +299,8 @@ class GenerationArgs:
         if self.do_sample and self.temperature < MIN_TEMPERATURE:
             # dividing the logits by 1e-40 gives inf/nan and fails a whole batch; below this the argmax wins anyway
             object.__setattr__(self, "do_sample", False)
+        if not 0 <= self.urgent_threshold < 1:
+            raise ConfigError("--urgent_threshold must be at least 0 and below 1 (0 = off)")
         if not (0 < self.top_p <= 1 and self.top_k >= 0):
             raise ConfigError("--top_p must be above 0 and at most 1, --top_k 0 or more (0: no top-k cut)")
 

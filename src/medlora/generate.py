@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
-from medlora.batching import Finished, RefillLoop, Request
+from medlora.batching import Finished, RefillLoop, Request, open_register
 from medlora.config import GenerationArgs
 from medlora.errors import ConfigError
 from medlora.templates import END_OF_TURN_TOKENS, Template
 from medlora.turns import Turn
+from medlora.vocab import URGENT_OPENERS
 
 if TYPE_CHECKING:
     from medlora.config import ModelArgs, PromptArgs
@@ -46,6 +47,18 @@ class AnswerCountPenalty:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class FirstTokenRegister:
+    """batching.open_register at the answer's first token (column `prompt_width`), for generate()'s beam search."""
+
+    def __init__(self, prompt_width: int, urgent_ids: list[int], threshold: float):
+        self.prompt_width, self.urgent_ids, self.threshold = prompt_width, urgent_ids, threshold
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_width:
+            return scores
+        return open_register(scores, self.urgent_ids, self.threshold)
 
 
 @dataclass
@@ -206,6 +219,8 @@ class Generator:
             processors.append(RepetitionPenaltyLogitsProcessor(repetition, prompt_ignore_length=prompt_width))
         if frequency or presence:
             processors.append(AnswerCountPenalty(prompt_width, frequency, presence))
+        if gen.urgent_threshold and not gen.do_sample and self.urgent_ids:
+            processors.append(FirstTokenRegister(prompt_width, self.urgent_ids, gen.urgent_threshold))
         if processors:
             kwargs["logits_processor"] = processors
         if self.template.stop_strings:
@@ -267,7 +282,13 @@ class Generator:
                     tail = sequence[-width:]
                     tails[i, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
                 return self._section_stop(tails.to(self.device), None).tolist()
-        return RefillLoop(self.model, self.eos_ids, pad, max_rows, stop)
+        return RefillLoop(self.model, self.eos_ids, pad, max_rows, stop, self.urgent_ids)
+
+    @cached_property
+    def urgent_ids(self) -> list[int]:
+        """The tokens an urgent order's first word starts with (vocab.URGENT_OPENERS), for --urgent_threshold."""
+        firsts = (self.tokenizer(word, add_special_tokens=False)["input_ids"][:1] for word in URGENT_OPENERS)
+        return sorted({ids[0] for ids in firsts if ids})
 
     def _generate_batch(self, prompts: list[str], gen: GenerationArgs) -> list[Answer]:
         encoded = self._encode(prompts, gen)

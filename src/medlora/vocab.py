@@ -63,6 +63,9 @@ EXTRA_KEYS = {"aliases": "别称", "icd10_chapter": "ICD-10章节"}
 LABELS = {**ATTRIBUTES, **EXTRA_KEYS}
 DEFAULT_KEYS = ("department", "symptoms", "drugs")  # retrieved when a question asks for no attribute in particular
 
+# The words an urgent order opens with (立即拨打120…): every emergency answer of the training data opens with 立即.
+URGENT_OPENERS = ("立即", "立刻", "马上", "赶紧")
+
 ASKS_FOR_NAME = re.compile(r"别称|别名|又称|又叫|俗称|还叫|简称|学名|全称|名称|名字")
 # What a question says when it asks for one attribute. Checked in this order; "drugs" hides "treatments"
 # (用什么药治疗 asks for drugs).

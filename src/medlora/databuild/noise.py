@@ -25,7 +25,9 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
     (docs/knowledge.md): `irrelevant` adds another disease's entry (the answer stays); for a question about one
     attribute of a linked disease (not a multiple-choice one), `partial` shows that disease's other attributes
     instead of the asked one and `missing` shows no entry, and the answer becomes an honest "I have no reliable
-    information" (the wordings of the data's unknown-disease answers). A third of the noise goes to each kind. The red
+    information" (the wordings of the data's unknown-disease answers) — only where the answer tells the asked facts (an
+    answer written for another need, a narrative's, stays what it is) and the question shows no red flag (an
+    emergency's answer is always the urgent one). A third of the noise goes to each kind. The red
     flags the question shows are left out of FLAG_DROPOUT of the prompts."""
     names = sorted(index.diseases)
     out, counts = [], {kind: 0 for kind in NOISE_KINDS}
@@ -34,7 +36,8 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
         found = index.retrieve_turn(record["instruction"], record.get("input", ""), record.get("history") or ())
         facts, output, kind = found.facts, record["output"], None
         roll = rng.random()
-        single = found.attribute and found.facts and not offered_letters(record)
+        single = (found.attribute and found.facts and not offered_letters(record) and not found.flags
+                  and _tells(index, output, found.diseases[0], found.attribute))
         if roll < noise / 3 and names:
             other = rng.choice(names)
             keys = dict.fromkeys(key for _, key, _ in found.facts) or DEFAULT_KEYS
@@ -55,3 +58,9 @@ def knowledge_for_training(records: list[dict], index: KnowledgeIndex, noise: fl
         retrieved = Retrieved(found.diseases, found.attribute, facts, found.matches, flags)
         out.append({**record, "output": output, "knowledge": retrieved.text()})
     return out, counts
+
+
+def _tells(index: KnowledgeIndex, answer: str, disease: str, attribute: str) -> bool:
+    """Whether `answer` names one of the knowledge base's items for the disease's asked attribute: an answer made from
+    those facts, which hiding them makes unanswerable."""
+    return any(index.names(answer, item) for item in index.items(disease, attribute))
