@@ -16,6 +16,7 @@ import pytest
 from openai import NotFoundError, OpenAI
 
 from medlora import DISCLAIMER
+from medlora.errors import ConfigError
 from medlora.loader import template_for
 from medlora.serve.engine import APIError, split_conversation
 from medlora.templates.cutting import Cutter, strip_pieces
@@ -134,6 +135,10 @@ def test_penalties_reach_the_generation_settings():
     assert (greedy.frequency_penalty, greedy.presence_penalty, greedy.do_sample) == (0.5, -0.25, False)
     assert (sampled.frequency_penalty, sampled.do_sample) == (1, True)
     assert (plain.frequency_penalty, plain.presence_penalty) == (0.0, 0.0)
+    dial = ServeSettings(urgent_threshold=0.2)  # the operator's --urgent_threshold reaches every greedy answer
+    assert generation_args(ChatRequest(**_chat()), dial).urgent_threshold == 0.2 and plain.urgent_threshold == 0.0
+    with pytest.raises(ConfigError, match="--urgent_threshold must be at least 0 and below 1"):
+        ServeSettings(urgent_threshold=1.5)
 
 
 def test_requests_without_the_key_get_401(server):

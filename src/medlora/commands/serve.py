@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import fields
 
 from medlora.commands._common import (add_models_arguments, add_server_arguments, check_bindable, model_args,
                                       named_paths, positive_int, prompt_args)
+from medlora.config import GenerationArgs, add_fields
 from medlora.errors import ConfigError
 from medlora.serve import LOOPBACK
 
@@ -30,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bounds.add_argument("--max_batch_size", type=positive_int, default=8,
                         help="requests generated together (default: 8)")
     bounds.add_argument("--max_queue", type=positive_int, default=256, help="requests waiting before 503 (default: 256)")
+    decoding = parser.add_argument_group("decoding (every greedy answer; a request sets the rest)")
+    add_fields(decoding, GenerationArgs, skip=[f.name for f in fields(GenerationArgs) if f.name != "urgent_threshold"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--api-key (or $MEDLORA_API_KEY) holds a space or a character outside printable ASCII, which "
                           "no client can send in an Authorization header: every request would get 401")
     check_bindable(args.host, args.port)
+    GenerationArgs(urgent_threshold=getattr(args, "urgent_threshold", 0.0))  # a bad value fails before the model loads
     engine = Engine.load(model_args(args), dict(named_paths(args.lora_weights, "--lora_weights")), prompt_args(args),
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)
     settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=max_prompt,
-                             max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)
+                             max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
+                             urgent_threshold=getattr(args, "urgent_threshold", 0.0))
     if args.host not in LOOPBACK and not settings.api_key:
         logger.warning("listening on %s without --api-key: anyone who can reach this port can use the models",
                        args.host)

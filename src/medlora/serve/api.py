@@ -50,14 +50,15 @@ def refuse_not_honoured(body: SamplingFields) -> None:
 
 
 def generation_args(body: SamplingFields, settings: ServeSettings) -> GenerationArgs:
-    """Greedy unless temperature > 0; max_tokens within [1, cap]."""
+    """Greedy unless temperature > 0 (greedy answers with the server's --urgent_threshold); max_tokens within
+    [1, cap]."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:
         raise APIError(400, f"max_tokens is {max_tokens}, over this server's cap of {settings.max_tokens_cap}",
                        param="max_tokens", code="max_tokens_exceeded")
     penalties = {"frequency_penalty": body.frequency_penalty or 0.0, "presence_penalty": body.presence_penalty or 0.0}
     if not body.temperature:
-        return GenerationArgs(max_new_tokens=max_tokens, **penalties)
+        return GenerationArgs(max_new_tokens=max_tokens, urgent_threshold=settings.urgent_threshold, **penalties)
     top_p = 1.0 if body.top_p is None else body.top_p
     return GenerationArgs(max_new_tokens=max_tokens, do_sample=True, temperature=body.temperature, top_p=top_p,
                           top_k=0, **penalties)  # top_k=0: no top-k cut, as in OpenAI's API

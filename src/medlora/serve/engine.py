@@ -74,11 +74,13 @@ class ServeSettings:
     max_tokens_cap: int = 1024
     default_max_tokens: int = 256
     max_body_bytes: int = 1 << 20
+    urgent_threshold: float = 0.0  # the operator's choice for every greedy answer (GenerationArgs' option)
 
     def __post_init__(self):
         for name in ("max_prompt_tokens", "max_tokens_cap", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1")
+        GenerationArgs(urgent_threshold=self.urgent_threshold)  # checked as every other command checks it
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_cap)
 
 
