@@ -165,6 +165,7 @@ def test_a_prompt_past_the_context_loses_its_oldest_tokens_and_max_new_tokens_is
 
 def test_open_register_lets_the_likelier_register_win_not_the_likeliest_token():
     from medlora.batching import open_register
+    from medlora.errors import ConfigError
 
     # token 0 is the urgent opener: likeliest single token (0.3) but the calm tokens hold 0.7 together
     calm_wins = torch.tensor([[0.3, 0.25, 0.25, 0.2]]).log()
@@ -174,7 +175,7 @@ def test_open_register_lets_the_likelier_register_win_not_the_likeliest_token():
     urgent_wins = torch.tensor([[0.28, 0.28, 0.44]]).log()
     assert open_register(urgent_wins, [0, 1], 0.5).argmax().item() in (0, 1)
     assert open_register(urgent_wins, [0, 1], 0.6).argmax().item() == 2
-    with pytest.raises(Exception, match="--urgent_threshold must be at least 0 and below 1"):
+    with pytest.raises(ConfigError, match="--urgent_threshold must be at least 0 and below 1"):
         GenerationArgs(urgent_threshold=1.0)
 
 
