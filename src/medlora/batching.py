@@ -87,7 +87,7 @@ class RefillLoop:
                     cache, mask = _join(cache, mask, new_cache, new_mask)
                 else:
                     cache, mask = new_cache, new_mask
-                first = self._next_tokens(new, logits)
+                first = self._next_tokens(new, logits, first=True)
                 last = first if not rows else torch.cat([last, first])
                 rows += new
                 rows, cache, mask, last = self._retire(rows, cache, mask, last, finish)
@@ -119,12 +119,13 @@ class RefillLoop:
                          use_cache=True, cache_position=torch.arange(width, device=device), logits_to_keep=1)
         return out.past_key_values, mask, out.logits[:, -1, :]
 
-    def _next_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token from its logits, after its own penalties and sampling settings."""
+    def _next_tokens(self, rows: list[_Row], logits: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """Each row's next token from its logits, after its own penalties and sampling settings; for an answer's
+        `first` token (after the prefill), its greedy --urgent_threshold too."""
         scores = penalised(logits.to(dtype=torch.float32, copy=True), rows)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows if first and self.urgent_ids else ()):
             gen = row.request.gen
-            if not row.tokens and gen.urgent_threshold and not gen.do_sample and self.urgent_ids:
+            if gen.urgent_threshold and not gen.do_sample:
                 scores[i:i + 1] = open_register(scores[i:i + 1], self.urgent_ids, gen.urgent_threshold)
         chosen = torch.argmax(scores, dim=-1)
         for i, row in enumerate(rows):

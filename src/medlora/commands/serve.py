@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from medlora.commands._common import (add_models_arguments, add_server_arguments, check_bindable, model_args,
                                       named_paths, positive_int, prompt_args)
@@ -50,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--api-key (or $MEDLORA_API_KEY) holds a space or a character outside printable ASCII, which "
                           "no client can send in an Authorization header: every request would get 401")
     check_bindable(args.host, args.port)
-    GenerationArgs(urgent_threshold=getattr(args, "urgent_threshold", 0.0))  # a bad value fails before the model loads
-    engine = Engine.load(model_args(args), dict(named_paths(args.lora_weights, "--lora_weights")), prompt_args(args),
-                         max_batch_size=args.max_batch_size, max_queue=args.max_queue)
-    max_prompt = args.max_prompt_tokens or min(2048, engine.context_length or 2048)
-    settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=max_prompt,
+    # checked before the model loads; the prompt bound then follows the model's context unless given
+    settings = ServeSettings(api_key=args.api_key or None, max_prompt_tokens=args.max_prompt_tokens or 2048,
                              max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
                              urgent_threshold=getattr(args, "urgent_threshold", 0.0))
+    engine = Engine.load(model_args(args), dict(named_paths(args.lora_weights, "--lora_weights")), prompt_args(args),
+                         max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    if not args.max_prompt_tokens:
+        settings = replace(settings, max_prompt_tokens=min(2048, engine.context_length or 2048))
     if args.host not in LOOPBACK and not settings.api_key:
         logger.warning("listening on %s without --api-key: anyone who can reach this port can use the models",
                        args.host)
